@@ -1,0 +1,25 @@
+"""Building blocks shared by every family: keras.ops only, each registered and serializable."""
+
+from keras_vit.layers.attention import MultiHeadAttention
+from keras_vit.layers.blocks import TransformerBlock, TransformerDecoderBlock
+from keras_vit.layers.common import activation, dense, layer_norm
+from keras_vit.layers.embedding import (
+    PatchEmbed,
+    PositionEmbedding,
+    PrefixTokens,
+    SinusoidalPositionEmbedding,
+    resample_position_embedding,
+    resize_grid,
+    sinusoid_table,
+    sinusoid_table_2d,
+)
+from keras_vit.layers.mlp import Mlp
+from keras_vit.layers.pooling import TokenPool, TokensToMap
+from keras_vit.layers.regularization import DropPath, LayerScale
+
+__all__ = [
+    "DropPath", "LayerScale", "Mlp", "MultiHeadAttention", "PatchEmbed", "PositionEmbedding",
+    "PrefixTokens", "SinusoidalPositionEmbedding", "TokenPool", "TokensToMap", "TransformerBlock", "TransformerDecoderBlock",
+    "activation", "dense", "layer_norm", "resample_position_embedding", "resize_grid",
+    "sinusoid_table", "sinusoid_table_2d",
+]

@@ -1,0 +1,43 @@
+"""Small factories that give every family timm's initialisers and numerics."""
+
+import keras
+from keras import ops
+
+# timm initialises linear layers with trunc_normal(std=.02) and zero bias.
+TRUNC_NORMAL = keras.initializers.TruncatedNormal(stddev=0.02)
+
+
+def dense(units, use_bias=True, name=None):
+    return keras.layers.Dense(units, use_bias=use_bias, kernel_initializer=TRUNC_NORMAL,
+                              bias_initializer="zeros", name=name)
+
+
+def layer_norm(eps=1e-6, name=None):
+    """LayerNorm with timm's ViT epsilon (1e-6; torch's default is 1e-5)."""
+    return keras.layers.LayerNormalization(epsilon=eps, name=name)
+
+
+def gelu_exact(x):
+    return keras.activations.gelu(x, approximate=False)
+
+
+def quick_gelu(x):
+    return x * ops.sigmoid(1.702 * x)
+
+
+_ACTIVATIONS = {
+    "gelu": gelu_exact,
+    "gelu_tanh": lambda x: keras.activations.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+    "relu": keras.activations.relu,
+    "silu": keras.activations.silu,
+    "tanh": keras.activations.tanh,
+    "hard_swish": keras.activations.hard_swish,
+}
+
+
+def activation(name):
+    """An activation by name; a plain function, so layers stay Lambda-free when saved."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"Unknown activation {name!r}; expected one of {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]

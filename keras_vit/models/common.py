@@ -1,0 +1,45 @@
+"""Argument checks every builder runs before it builds anything."""
+
+from keras_vit.layers.embedding import to_2tuple
+
+
+def check_img_size(img_size, divisor, what="patch_size"):
+    """(h, w) from an int or pair; a ValueError naming the valid neighbours if not divisible."""
+    h, w = to_2tuple(img_size)
+    for side in (h, w):
+        if side <= 0 or side % divisor:
+            lower = max(divisor, side // divisor * divisor)
+            upper = (side // divisor + 1) * divisor
+            raise ValueError(f"img_size {img_size} is not a multiple of {what} {divisor}; "
+                             f"valid neighbours: {lower} or {upper}")
+    return h, w
+
+
+def check_in_chans(in_chans):
+    if not isinstance(in_chans, int) or in_chans < 1:
+        raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
+    return in_chans
+
+
+def resolve_out_indices(out_indices, depth):
+    """timm's convention: an int n means the last n blocks; negative indices count from the end."""
+    if out_indices is None:
+        out_indices = 3
+    if isinstance(out_indices, int):
+        if not 1 <= out_indices <= depth:
+            raise ValueError(f"out_indices={out_indices} asks for the last {out_indices} of {depth} blocks")
+        return tuple(range(depth - out_indices, depth))
+    resolved = []
+    for i in out_indices:
+        j = i + depth if i < 0 else i
+        if not 0 <= j < depth:
+            raise ValueError(f"out index {i} is out of range for {depth} blocks")
+        resolved.append(j)
+    return tuple(resolved)
+
+
+def drop_path_rates(drop_path_rate, depth):
+    """Stochastic depth rate rising linearly from 0 to drop_path_rate over the blocks."""
+    if depth == 1:
+        return [0.0]
+    return [drop_path_rate * i / (depth - 1) for i in range(depth)]

@@ -1,0 +1,131 @@
+import keras
+import numpy as np
+import pytest
+
+from keras_vit import layers as L
+from keras_vit.layers.blocks import causal_mask
+
+
+def numpy_attention(x, qkv_w, qkv_b, proj_w, proj_b, heads, bias=None, mask=None):
+    b, n, d = x.shape
+    qkv = x @ qkv_w + qkv_b
+    q, k, v = (qkv[..., i * d:(i + 1) * d].reshape(b, n, heads, -1).transpose(0, 2, 1, 3)
+               for i in range(3))
+    logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(d // heads)
+    if bias is not None:
+        logits = logits + bias
+    if mask is not None:
+        logits = np.where(mask, logits, -1e9)
+    attn = np.exp(logits - logits.max(-1, keepdims=True))
+    attn /= attn.sum(-1, keepdims=True)
+    return (attn @ v).transpose(0, 2, 1, 3).reshape(b, n, d) @ proj_w + proj_b
+
+
+def test_attention_matches_formula_with_bias_and_mask():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 12)).astype(np.float32)
+    layer = L.MultiHeadAttention(12, num_heads=3)
+    layer(x)
+    qkv_w, qkv_b = (np.asarray(w) for w in layer.qkv.weights)
+    proj_w, proj_b = (np.asarray(w) for w in layer.proj.weights)
+    bias = rng.standard_normal((1, 3, 5, 5)).astype(np.float32)
+    mask = np.tril(np.ones((5, 5), bool))[None, None]
+    got = layer(x, bias=bias, attention_mask=mask)
+    want = numpy_attention(x, qkv_w, qkv_b, proj_w, proj_b, 3, bias=bias, mask=mask)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+
+
+def test_cross_attention_takes_keys_and_values_from_context():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    ctx = rng.standard_normal((2, 7, 8)).astype(np.float32)
+    layer = L.MultiHeadAttention(8, num_heads=2, cross=True)
+    out = np.asarray(layer(x, context=ctx))
+    assert out.shape == (2, 3, 8)
+    # Permuting the context positions leaves cross-attention unchanged (no positions inside).
+    out_perm = np.asarray(layer(x, context=ctx[:, ::-1]))
+    np.testing.assert_allclose(out, out_perm, atol=1e-5)
+    with pytest.raises(ValueError, match="context"):
+        layer(x)
+
+
+def test_sinusoid_table_is_the_survey_formula():
+    table = L.sinusoid_table(50, 16)
+    pos, i = 17, 3
+    assert table[pos, 2 * i] == pytest.approx(np.sin(pos / 10000 ** (2 * i / 16)), abs=1e-6)
+    assert table[pos, 2 * i + 1] == pytest.approx(np.cos(pos / 10000 ** (2 * i / 16)), abs=1e-6)
+    layer = L.SinusoidalPositionEmbedding()
+    x = np.zeros((1, 50, 16), np.float32)
+    np.testing.assert_allclose(np.asarray(layer(x))[0], table, atol=1e-6)
+    # The in-graph table for variable-length sequences is the same table.
+    dyn = L.SinusoidalPositionEmbedding._dynamic_table(50, 16, "float32")
+    np.testing.assert_allclose(np.asarray(dyn)[0], table, atol=1e-4)
+
+
+def test_2d_sinusoid_encodes_rows_then_columns():
+    t = L.sinusoid_table_2d((3, 4), 8)
+    assert t.shape == (12, 8)
+    row1 = L.sinusoid_table(3, 4)[1]
+    col2 = L.sinusoid_table(4, 4)[2]
+    np.testing.assert_allclose(t[1 * 4 + 2], np.concatenate([row1, col2]))
+
+
+def test_drop_path_drops_whole_samples_and_keeps_expectation():
+    layer = L.DropPath(0.25, seed=1)
+    x = np.ones((4000, 3, 2), np.float32)
+    y = np.asarray(layer(x, training=True))
+    per_sample = y.reshape(4000, -1)
+    assert np.all(np.isclose(per_sample, 0.0) | np.isclose(per_sample, 1 / 0.75))
+    assert np.all(per_sample.min(1) == per_sample.max(1))  # all-or-nothing per sample
+    assert abs(y.mean() - 1.0) < 0.05
+    np.testing.assert_array_equal(np.asarray(layer(x, training=False)), x)
+
+
+def test_pre_ln_and_post_ln_blocks_differ_as_defined():
+    x = np.random.default_rng(2).standard_normal((2, 4, 8)).astype(np.float32)
+    post = L.TransformerBlock(8, 2, norm_first=False)
+    y = np.asarray(post(x))
+    # Post-LN output is a LayerNorm output: zero mean, unit variance per token.
+    np.testing.assert_allclose(y.mean(-1), 0, atol=1e-5)
+    np.testing.assert_allclose(y.std(-1), 1, atol=1e-3)
+    pre = L.TransformerBlock(8, 2, norm_first=True)
+    assert abs(np.asarray(pre(x)).mean(-1)).max() > 1e-3  # Pre-LN keeps the residual stream
+
+
+def test_causal_mask_hides_the_future():
+    m = np.asarray(causal_mask(4))[0, 0]
+    np.testing.assert_array_equal(m, np.tril(np.ones((4, 4), bool)))
+
+
+@pytest.mark.parametrize("layer,inputs", [
+    (L.PatchEmbed(4, 16, stride=2, padding=1, norm=True), (2, 16, 16, 3)),
+    (L.PrefixTokens(("cls_token", "det_token"), counts=(1, 5)), (2, 9, 16)),
+    (L.PositionEmbedding((3, 3), 1), (2, 10, 16)),
+    (L.SinusoidalPositionEmbedding((3, 3), 1), (2, 10, 16)),
+    (L.TransformerBlock(16, 2, init_values=1e-5, drop_path=0.1), (2, 10, 16)),
+    (L.TokenPool("avg", 1), (2, 10, 16)),
+    (L.Mlp(32, act="gelu"), (2, 10, 16)),
+])
+def test_layers_serialise_completely(layer, inputs):
+    x = np.random.default_rng(0).standard_normal(inputs).astype(np.float32)
+    y = np.asarray(layer(x))
+    clone = layer.__class__.from_config(layer.get_config())
+    clone(x)
+    clone.set_weights(layer.get_weights())
+    np.testing.assert_allclose(np.asarray(clone(x)), y, atol=1e-6)
+    assert keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+
+
+def test_patch_embed_overlapping_grid():
+    pe = L.PatchEmbed(7, 8, stride=4, padding=3)
+    assert pe.grid_size(224, 224) == (56, 56)
+    assert np.asarray(pe(np.zeros((1, 64, 48, 3), np.float32))).shape == (1, 16 * 12, 8)
+
+
+def test_resize_grid_identity_and_constant():
+    g = np.random.default_rng(0).standard_normal((5, 5, 3))
+    np.testing.assert_allclose(L.resize_grid(g, (5, 5)), g, atol=1e-12)
+    const = np.ones((4, 4, 2))
+    for method in ("bicubic", "bilinear"):
+        for aa in (True, False):
+            np.testing.assert_allclose(L.resize_grid(const, (7, 3), method, aa), 1.0, atol=1e-9)
