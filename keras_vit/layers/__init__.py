@@ -16,10 +16,11 @@ from keras_vit.layers.embedding import (
 from keras_vit.layers.mlp import Mlp
 from keras_vit.layers.pooling import TokenPool, TokensToMap
 from keras_vit.layers.regularization import DropPath, LayerScale
+from keras_vit.layers.spatial_reduction import SpatialReductionAttention
 
 __all__ = [
     "DropPath", "LayerScale", "Mlp", "MultiHeadAttention", "PatchEmbed", "PositionEmbedding",
-    "PrefixTokens", "SinusoidalPositionEmbedding", "TokenPool", "TokensToMap", "TransformerBlock", "TransformerDecoderBlock",
+    "PrefixTokens", "SinusoidalPositionEmbedding", "SpatialReductionAttention", "TokenPool", "TokensToMap", "TransformerBlock", "TransformerDecoderBlock",
     "activation", "dense", "layer_norm", "resample_position_embedding", "resize_grid",
     "sinusoid_table", "sinusoid_table_2d",
 ]
