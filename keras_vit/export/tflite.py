@@ -38,7 +38,7 @@ def _as_batches(data, batch_size):
 
 def _flex_ops(message):
     ops = set(re.findall(r"\b(Flex\w+)", message))
-    ops |= {f"tf.{m}" for m in re.findall(r"\btf\.(\w+)", message)}
+    ops |= {f"tf.{m}" for m in re.findall(r"\btf\.([A-Z]\w+)", message)}
     return sorted(ops)
 
 

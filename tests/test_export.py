@@ -1,0 +1,167 @@
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import images
+from keras_vit.export import TFLiteExportError, export_saved_model, export_tflite, verify_tflite
+from keras_vit.export import tflite as tflite_module
+from keras_vit.models.vit import vision_transformer
+
+SMALL = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=4)
+
+
+def colour_task(n, seed):
+    """Noise images tinted by their class (red, green, blue or dark): learnable in seconds."""
+    x = 0.5 * images(n, 32, seed=seed)
+    y = np.random.default_rng(seed).integers(0, 4, n)
+    for i, c in enumerate(y):
+        if c < 3:
+            x[i, ..., c] += 1.0
+        else:
+            x[i] -= 1.0
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def small_vit():
+    """A small ViT trained to clear logit margins: quantisation agreement is only meaningful
+    on trained weights (random ones have near-tied logits)."""
+    keras.utils.set_random_seed(0)
+    model = vision_transformer(**SMALL)
+    x, y = colour_task(512, seed=1)
+    model.compile(keras.optimizers.AdamW(2e-3),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    model.fit(x, y, epochs=3, batch_size=64, verbose=0)
+    assert model.evaluate(*colour_task(256, seed=2), verbose=0)[1] > 0.9
+    return model
+
+
+def test_saved_model_serves_the_same_logits(small_vit, tmp_path):
+    path = os.path.join(tmp_path, "sm")
+    export_saved_model(small_vit, path)
+    loaded = tf.saved_model.load(path)
+    x = images(3, 32)
+    np.testing.assert_allclose(loaded.serve(x).numpy(), np.asarray(small_vit(x)), atol=1e-5)
+    sig = loaded.signatures["serving_default"]
+    out = list(sig(images=tf.constant(x)).values())[0]
+    np.testing.assert_allclose(out.numpy(), np.asarray(small_vit(x)), atol=1e-5)
+
+
+def test_saved_model_export_is_atomic(small_vit, tmp_path, monkeypatch):
+    path = os.path.join(tmp_path, "sm")
+    export_saved_model(small_vit, path)
+    before = sorted(os.listdir(path))
+
+    class FailingArchive:
+        """Writes part of an export, then fails, like a full disk."""
+
+        def track(self, model):
+            pass
+
+        def add_endpoint(self, *args, **kwargs):
+            pass
+
+        def write_out(self, path, **kwargs):
+            os.makedirs(os.path.join(path, "variables"))
+            raise RuntimeError("disk full")
+
+    monkeypatch.setattr(keras.export, "ExportArchive", FailingArchive)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_saved_model(small_vit, path)
+    assert sorted(os.listdir(path)) == before
+    assert tf.saved_model.load(path).serve(images(1, 32)).shape == (1, 4)
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # no temp left
+
+
+@pytest.mark.parametrize("mode,max_rel", [("none", 1e-4), ("float16", 1e-2), ("dynamic", None),
+                                          ("int8", None)])
+def test_tflite_modes_are_verified(small_vit, tmp_path, mode, max_rel):
+    data = colour_task(32, seed=3)[0]
+    path = os.path.join(tmp_path, f"{mode}.tflite")
+    report = export_tflite(small_vit, path, quantization=mode, representative_data=data)
+    assert os.path.getsize(path) == report["size_bytes"]
+    if max_rel is not None:
+        assert report["relative_diff"] <= max_rel
+    assert report["top1_agreement"] >= 0.9
+    # The report is reproducible from the file alone.
+    again = verify_tflite(path, small_vit, data[:8])
+    assert again["top1_agreement"] >= 0.9
+
+
+def test_quantized_files_are_smaller(small_vit, tmp_path):
+    data = images(8, 32, seed=4)
+    sizes = {m: export_tflite(small_vit, os.path.join(tmp_path, f"{m}.tflite"), quantization=m,
+                              representative_data=data, verify=False)["size_bytes"]
+             for m in ("none", "float16", "dynamic", "int8")}
+    assert sizes["float16"] < 0.6 * sizes["none"]
+    assert sizes["dynamic"] < 0.4 * sizes["none"]
+    assert sizes["int8"] < 0.4 * sizes["none"]
+
+
+def test_int8_needs_representative_data(small_vit, tmp_path):
+    with pytest.raises(ValueError, match="representative_data"):
+        export_tflite(small_vit, os.path.join(tmp_path, "x.tflite"), quantization="int8")
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        export_tflite(small_vit, os.path.join(tmp_path, "x.tflite"), quantization="int4")
+    assert not os.path.exists(os.path.join(tmp_path, "x.tflite"))
+
+
+def test_int8_io_file_runs(small_vit, tmp_path):
+    data = colour_task(32, seed=5)[0]
+    report = export_tflite(small_vit, os.path.join(tmp_path, "io.tflite"), quantization="int8",
+                           representative_data=data, int8_io=True)
+    assert report["top1_agreement"] >= 0.9
+
+
+def test_failed_verification_keeps_the_existing_file(small_vit, tmp_path, monkeypatch):
+    path = os.path.join(tmp_path, "m.tflite")
+    export_tflite(small_vit, path)
+    with open(path, "rb") as f:
+        good = f.read()
+    monkeypatch.setitem(tflite_module.FLOAT_TOLERANCE, "none", 0.0)
+    other = vision_transformer(**dict(SMALL, num_classes=4))
+    with pytest.raises(TFLiteExportError, match="file not written"):
+        export_tflite(other, path)
+    with open(path, "rb") as f:
+        assert f.read() == good
+
+
+@keras.saving.register_keras_serializable(package="keras_vit_tests")
+class Inverse(keras.layers.Layer):
+    def call(self, x):
+        return keras.ops.linalg.inv(x + 3.0)
+
+
+def test_non_builtin_ops_are_named(tmp_path):
+    inputs = keras.Input((8, 8))
+    model = keras.Model(inputs, Inverse()(inputs))
+    with pytest.raises(TFLiteExportError, match=r"needs non-builtin ops tf\.MatrixInverse\b"):
+        export_tflite(model, os.path.join(tmp_path, "inv.tflite"))
+    assert not os.path.exists(os.path.join(tmp_path, "inv.tflite"))
+
+
+@keras.saving.register_keras_serializable(package="keras_vit_tests")
+class Roll(keras.layers.Layer):
+    def call(self, x):
+        return keras.ops.roll(x, 3, axis=1)
+
+
+def test_roll_lowers_to_builtin_slices(tmp_path):
+    """At a fixed batch the converter turns tf.roll into SLICE + CONCATENATION (no FlexRoll)."""
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, Roll()(inputs))
+    report = export_tflite(model, os.path.join(tmp_path, "roll.tflite"))
+    assert report["max_abs_diff"] == 0.0
+
+
+def test_batch_size_is_fixed_in_the_file(small_vit, tmp_path):
+    path = os.path.join(tmp_path, "b4.tflite")
+    report = export_tflite(small_vit, path, batch_size=4)
+    assert report["relative_diff"] <= 1e-4
+    from keras_vit.export.tflite import LiteRTRunner
+
+    assert list(LiteRTRunner(path).inputs[0]["shape"]) == [4, 32, 32, 3]
