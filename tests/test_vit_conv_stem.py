@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+
+import keras_vit
+from conftest import images
+from helpers import check_keras_round_trip, check_tflite_fp32, check_train_step_lowers_loss
+from keras_vit.models.vit_conv_stem import conv_stem_strides, vit_conv_stem
+
+TINY = dict(img_size=32, stem_chs=(8, 16, 16, 32), stem_strides=(2, 2, 1, 2), embed_dim=32,
+            depth=2, num_heads=2, mlp_ratio=3.0, num_classes=5)
+
+# Xiao et al. 2021, Table 1 (model definitions), "params (M)" of the ViT_C models. The paper
+# prints one decimal: the count must round to it and lie within 0.5% of it where that
+# precision allows (4.6M only pins the count to 4.55-4.65M).
+PAPER_PARAMS_M = {"vit_c_1gf": 4.6, "vit_c_4gf": 17.8, "vit_c_18gf": 81.6, "vit_c_36gf": 167.8}
+
+
+def trainable_params(model):
+    # Parameters as torch counts them: BatchNorm's moving statistics are buffers.
+    return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS_M))
+def test_parameter_count_matches_paper(name):
+    model = keras_vit.create_model(name)
+    ours, paper = trainable_params(model), PAPER_PARAMS_M[name] * 1e6
+    assert round(ours / 1e6, 1) == PAPER_PARAMS_M[name], ours
+    assert abs(ours - paper) <= max(0.005 * paper, 0.05e6), ours
+    assert model.input_shape[1:3] == (224, 224)
+    assert model.get_layer("pos_embed").pos_embed.shape[1] == 1 + 14 * 14
+
+
+def test_registered_names_and_configs():
+    assert keras_vit.list_models("vit_c_*") == sorted(PAPER_PARAMS_M)
+    cfg = keras_vit.get_model_config("vit_c_4gf")
+    assert cfg["input_size"] == 224 and cfg["family"] == "vit_conv_stem"
+
+
+def test_paper_stem_strides():
+    assert conv_stem_strides((24, 48, 96, 192)) == (2, 2, 2, 2)
+    assert conv_stem_strides((64, 128, 128, 256, 256, 512)) == (2, 2, 1, 2, 1, 2)
+
+
+def test_contract_on_tiny_config(tmp_path):
+    model = vit_conv_stem(**TINY)
+    x = images(4, 32)
+    assert tuple(model(x).shape) == (4, 5)
+    check_keras_round_trip(model, x, tmp_path)
+    check_tflite_fp32(model, tmp_path)
+    # Settle BatchNorm's moving statistics first: the eval-mode loss then measures the step.
+    for _ in range(50):
+        model(x, training=True)
+    check_train_step_lowers_loss(model, x, np.array([0, 1, 2, 3]))
+
+
+@pytest.mark.parametrize("size", [48, (32, 64)])
+def test_any_valid_size(size):
+    model = vit_conv_stem(**dict(TINY, img_size=size))
+    h, w = (size, size) if isinstance(size, int) else size
+    assert tuple(model(images(1, (h, w))).shape) == (1, 5)
+    assert model.get_layer("pos_embed").pos_embed.shape[1] == 1 + (h // 8) * (w // 8)
+
+
+def test_invalid_size_names_valid_neighbours():
+    with pytest.raises(ValueError, match=r"not a multiple of the conv stem's stride 16; "
+                                         r"valid neighbours: 224 or 240"):
+        keras_vit.create_model("vit_c_1gf", img_size=230)
+    with pytest.raises(ValueError, match="stem_strides"):
+        vit_conv_stem(**dict(TINY, stem_strides=(2, 2)))
+
+
+def test_features_only_returns_token_maps():
+    model = vit_conv_stem(**dict(TINY, features_only=True, out_indices=(0, 1)))
+    feats = model(images(2, 32))
+    assert [tuple(f.shape) for f in feats] == [(2, 4, 4, 32)] * 2
+    headless = vit_conv_stem(**dict(TINY, num_classes=0))
+    assert tuple(headless(images(2, 32)).shape) == (2, 32)
+    with pytest.raises(ValueError, match="out index 5"):
+        vit_conv_stem(**dict(TINY, features_only=True, out_indices=(5,)))
