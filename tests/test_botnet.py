@@ -13,7 +13,8 @@ from helpers import (
 from keras_vit.convert import load_checkpoint, load_timm_weights
 from keras_vit.models.botnet import botnet
 
-FIXTURES = load_fixture_index("botnet")
+# The index also holds ViT_C's pycls fixture (tests/test_vit_conv_stem.py).
+FIXTURES = {k: v for k, v in load_fixture_index("botnet").items() if k.startswith("botnet")}
 TINY = dict(FIXTURES["botnet_tiny_64"]["kwargs"], num_classes=5)
 TINY_S1_SE = dict(FIXTURES["botnet_s1_tiny_64"]["kwargs"], num_classes=5, se_ratio=0.0625)
 

@@ -2,9 +2,18 @@ import numpy as np
 import pytest
 
 import keras_vit
-from conftest import images
-from helpers import check_keras_round_trip, check_tflite_fp32, check_train_step_lowers_loss
-from keras_vit.models.vit_conv_stem import conv_stem_strides, vit_conv_stem
+from conftest import fixture_path, images, load_fixture_index
+from helpers import (
+    build_from_fixture,
+    check_keras_round_trip,
+    check_tflite_fp32,
+    check_train_step_lowers_loss,
+)
+from keras_vit.convert import load_checkpoint, load_timm_weights
+from keras_vit.models.vit_conv_stem import conv_stem_strides, pycls_vit_to_timm, vit_conv_stem
+
+# The official pycls ViT (conv stem) fixture lives with BoTNet's (tools/fixtures/botnet.py).
+PYCLS = {k: v for k, v in load_fixture_index("botnet").items() if k.startswith("vit_c_pycls")}
 
 TINY = dict(img_size=32, stem_chs=(8, 16, 16, 32), stem_strides=(2, 2, 1, 2), embed_dim=32,
             depth=2, num_heads=2, mlp_ratio=3.0, num_classes=5)
@@ -28,6 +37,18 @@ def test_parameter_count_matches_paper(name):
     assert abs(ours - paper) <= max(0.005 * paper, 0.05e6), ours
     assert model.input_shape[1:3] == (224, 224)
     assert model.get_layer("pos_embed").pos_embed.shape[1] == 1 + 14 * 14
+
+
+@pytest.mark.parametrize("name", sorted(PYCLS))
+def test_parity_with_official_pycls(name):
+    entry = PYCLS[name]
+    model = build_from_fixture(entry)
+    official = load_checkpoint(fixture_path("botnet", entry["weights"]))
+    assert "stem.cstem_last_conv.weight" in official  # pycls's own names
+    load_timm_weights(model, pycls_vit_to_timm(official))
+    data = np.load(fixture_path("botnet", f"{name}.npz"))
+    diff = float(np.max(np.abs(np.asarray(model(data["x"], training=False)) - data["y0"])))
+    assert diff <= 1e-4, diff
 
 
 def test_registered_names_and_configs():

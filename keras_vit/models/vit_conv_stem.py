@@ -130,3 +130,38 @@ _vit_c("vit_c_4gf", stem_chs=(48, 96, 192, 384), embed_dim=384, depth=11, num_he
 _vit_c("vit_c_18gf", stem_chs=_STEM_LARGE, embed_dim=768, depth=11, num_heads=12, mlp_ratio=4.0)
 _vit_c("vit_c_36gf", stem_chs=_STEM_LARGE, embed_dim=1024, depth=13, num_heads=16,
        mlp_ratio=4.0)
+
+
+def pycls_vit_to_timm(state_dict):
+    """The official pycls ``ViT`` state dict (conv stem) -> the timm-style names of this model.
+
+    pycls keeps torch's ``nn.MultiheadAttention`` (fused ``in_proj`` q, k, v,
+    head-major, as timm's ``qkv``), a sequence-first position embedding
+    (N, 1, D) and the class token; load the result with ``load_timm_weights``.
+    """
+    renames = (("stem.cstem_last_conv.", "stem.proj."), ("encoder.ln.", "norm."),
+               ("head.head_fc.", "head."), (".self_attention.block.in_proj_", ".attn.qkv."),
+               (".self_attention.block.out_proj.", ".attn.proj."), (".ln_1.", ".norm1."),
+               (".ln_2.", ".norm2."), (".mlp_block.linear_1.", ".mlp.fc1."),
+               (".mlp_block.linear_2.", ".mlp.fc2."))
+    out = {}
+    for key, value in state_dict.items():
+        if key == "class_token":
+            out["cls_token"] = value
+            continue
+        if key == "pos_embedding":  # (N, 1, D) -> (1, N, D)
+            out["pos_embed"] = value.reshape(1, value.shape[0], value.shape[-1])
+            continue
+        new = key
+        if new.startswith("stem.cstem") and not new.startswith("stem.cstem_last"):
+            # stem.cstem{i}_conv.weight -> stem.{i}.conv.weight, cstem{i}_bn -> stem.{i}.bn
+            layer, rest = new[len("stem.cstem"):].split(".", 1)
+            index, kind = layer.split("_")
+            new = f"stem.{index}.{kind}.{rest}"
+        if new.startswith("encoder.block_"):
+            new = "blocks." + new[len("encoder.block_"):]
+        for old, repl in renames:
+            new = new.replace(old, repl) if old.startswith(".") else \
+                (repl + new[len(old):] if new.startswith(old) else new)
+        out[new] = value
+    return out
