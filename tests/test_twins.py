@@ -36,15 +36,16 @@ def test_every_registered_twins_has_a_timm_count():
     assert sorted(load_param_counts("twins")) == keras_vit.list_models("twins*")
 
 
-@pytest.mark.parametrize("kwargs", [TINY, TINY_SVT], ids=["pcpvt", "svt"])
-def test_contract_on_tiny_config(kwargs, tmp_path):
+@pytest.mark.parametrize("kwargs,train", [(TINY, False), (TINY_SVT, True)], ids=["pcpvt", "svt"])
+def test_contract_on_tiny_config(kwargs, train, tmp_path):
     # 64 px: every SVT stage grid (16, 8, 4, 2) is padded to a multiple of the window 3.
     model = twins(img_size=64, **kwargs)
     x = images(4, 64)
     assert tuple(model(x).shape) == (4, 5)
     check_keras_round_trip(model, x, tmp_path)
     check_tflite_fp32(model, tmp_path)
-    check_train_step_lowers_loss(model, x, np.array([0, 1, 2, 3]))
+    if train:  # SVT has every layer PCPVT has (GSA, PEG, patch embeds) plus LSA: train it once
+        check_train_step_lowers_loss(model, x, np.array([0, 1, 2, 3]))
 
 
 @pytest.mark.parametrize("size", [32, (64, 96), 128])
