@@ -85,7 +85,9 @@ def swin_transformer(*, img_size=224, patch_size=4, in_chans=3, num_classes=1000
     ``keras_vit.convert.swin``); a resolution that is not a multiple of the
     window is zero-padded at the bottom / right inside each block (after the
     cyclic shift, the mask built for the padded size), and an odd resolution
-    is padded before patch merging. window_size: an int or (h, w) for all
+    is padded before patch merging (timm's ``always_partition`` and
+    ``dynamic_img_size`` are not offered: sizes are static, masks are numpy
+    constants). window_size: an int or (h, w) for all
     stages, or one per stage. drop_path_rate: timm's default 0.1, rising
     linearly over all blocks. features_only: the stage outputs (before the
     final norm) as NHWC maps at strides patch_size * (1, 2, 4, 8);
