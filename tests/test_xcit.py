@@ -89,7 +89,8 @@ def test_any_valid_size(size):
 
 
 def test_invalid_size_names_valid_sizes():
-    with pytest.raises(ValueError, match=r"not a multiple of patch_size 16; valid neighbours: 224 or 240"):
+    with pytest.raises(ValueError,
+                       match=r"not a multiple of patch_size 16; valid neighbours: 224 or 240"):
         keras_vit.create_model("xcit_nano_12_p16_224", img_size=230)
     with pytest.raises(ValueError, match="patch_size 8 or 16"):
         xcit(**dict(TINY, patch_size=4))
@@ -101,9 +102,9 @@ def test_fourier_features_match_the_formula():
     assert table.shape == (2, 3, 8)
     y = 2 / (2 + 1e-6) * 2 * np.pi  # row 2 of 2; channels: sin(y/1), cos(y/1), sin(y/100), ...
     x = 1 / (3 + 1e-6) * 2 * np.pi  # column 1 of 3
-    np.testing.assert_allclose(table[1, 0], [np.sin(y), np.cos(y), np.sin(y / 100), np.cos(y / 100),
-                                             np.sin(x), np.cos(x), np.sin(x / 100), np.cos(x / 100)],
-                               atol=1e-6)
+    expected = [np.sin(y), np.cos(y), np.sin(y / 100), np.cos(y / 100),
+                np.sin(x), np.cos(x), np.sin(x / 100), np.cos(x / 100)]
+    np.testing.assert_allclose(table[1, 0], expected, atol=1e-6)
 
 
 def test_features_only_returns_stride_16_token_maps():

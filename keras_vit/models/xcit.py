@@ -17,7 +17,16 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_vit.layers import DropPath, Mlp, PrefixTokens, TokenPool, TokensToMap, activation, dense, layer_norm
+from keras_vit.layers import (
+    DropPath,
+    Mlp,
+    PrefixTokens,
+    TokenPool,
+    TokensToMap,
+    activation,
+    dense,
+    layer_norm,
+)
 from keras_vit.models.common import check_img_size, check_in_chans, resolve_out_indices
 from keras_vit.registry import IMAGENET_MEAN, IMAGENET_STD, register_variant
 
@@ -74,7 +83,8 @@ class ConvPatchEmbed(keras.layers.Layer):
         n = int(math.log2(self.patch_size))
         self.widths = [self.embed_dim // 2 ** (n - 1 - i) for i in range(n)]
         self.convs = [keras.layers.Conv2D(c, 3, strides=2, padding="valid", use_bias=False,
-                                          name=f"proj.{2 * i}.0") for i, c in enumerate(self.widths)]
+                                          name=f"proj.{2 * i}.0")
+                      for i, c in enumerate(self.widths)]
         self.bns = [batch_norm(f"proj.{2 * i}.1") for i in range(n)]
         self.act_fn = activation(act)
 
