@@ -155,3 +155,11 @@ def test_checkpoint_format_errors(tmp_path):
     open(bad, "w").close()
     with pytest.raises(ValueError, match="unsupported checkpoint format"):
         load_checkpoint(bad)
+
+
+def test_features_only_model_cut_before_the_end_loads_strictly():
+    entry = VIT_FIXTURES["vit_token_32"]
+    model = vision_transformer(**dict(entry["kwargs"], features_only=True, out_indices=(0,)))
+    missing, unexpected = load_timm_weights(model, load_checkpoint(fixture_path(entry["weights"])))
+    assert missing == [] and unexpected == []
+    assert len(model.layers) < len(build_from_fixture(entry).layers)

@@ -142,6 +142,7 @@ def to_numpy(value):
 def load_timm_weights(model, state_dict, strict=True, interpolation="bicubic", antialias=True):
     """Loads a timm ``state_dict()`` (Mapping[str, array]) into a keras_vit model.
 
+    A features_only model ignores the keys of the stages and head it cut off.
     Position embeddings made for another grid are resampled as timm's
     checkpoint filter does (bicubic with antialias by default; JAX .npz
     checkpoints use bilinear without, as timm's ``_load_weights``).
@@ -172,6 +173,10 @@ def load_timm_weights(model, state_dict, strict=True, interpolation="bicubic", a
                               f"{tuple(value.shape)}, model {tuple(var.shape)}")
             continue
         assignments.append((var, value))
+    # A features_only model (every output a feature map) stops after its last requested
+    # stage: checkpoint keys of modules it does not have at all are that cut-off tail.
+    features_model = all(len(t.shape) == 4 for t in model.outputs)
+    modules = {key.rsplit(".", 1)[0] for _, key, _ in entries}
     unexpected = []
     for key in state_dict:
         if key in used or key.endswith(IGNORED_SUFFIXES):
@@ -179,6 +184,8 @@ def load_timm_weights(model, state_dict, strict=True, interpolation="bicubic", a
         head = next((p for p in HEAD_PREFIXES if key.startswith(p)), None)
         if head is not None and head[:-1] not in top_names:
             continue  # a classifier the (headless / features_only) model does not have
+        if features_model and key.rsplit(".", 1)[0] not in modules:
+            continue
         unexpected.append(key)
     problems = []
     if mismatched:

@@ -1,0 +1,112 @@
+"""Trains a keras_vit model on one CPU, many GPUs, many machines or a TPU pod.
+
+    python apps/train.py --model=vit_tiny_patch16_224 --img_size=32 --dataset=shapes \
+        --epochs=10 --batch_size=128 --model_dir=runs/vit_tiny --export_dir=saved_models/vit_tiny
+
+Resumes from --model_dir's last checkpoint when started again with the same flags.
+absl's --flagfile=FILE works; the resolved flags are written to MODEL_DIR/flags.txt.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import fail, prepare_environment  # noqa: E402
+
+prepare_environment()
+
+from absl import app, flags, logging  # noqa: E402
+
+F = flags.FLAGS
+flags.DEFINE_string("model", "vit_tiny_patch16_224", "Registered model name (keras_vit.list_models()).")
+flags.DEFINE_string("model_args", "{}", "JSON dict of builder overrides, e.g. '{\"patch_size\": 4, \"depth\": 6}'.")
+flags.DEFINE_string("dataset", "shapes", "shapes | folder:PATH | tfrecord:GLOB | tfds:NAME.")
+flags.DEFINE_integer("img_size", None, "Input size (default: the model's).")
+flags.DEFINE_integer("train_samples", None, "shapes: number of training images.")
+flags.DEFINE_integer("val_samples", None, "shapes: number of validation images.")
+flags.DEFINE_integer("batch_size", 64, "Global batch size (divisible by the number of replicas).")
+flags.DEFINE_integer("epochs", 10, "Epochs.")
+flags.DEFINE_integer("steps_per_epoch", None, "Steps per epoch (default: one pass over the data).")
+flags.DEFINE_enum("optimizer", "adamw", ["adamw", "sgd"], "Optimizer.")
+flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate.")
+flags.DEFINE_float("weight_decay", 0.05, "Decoupled weight decay.")
+flags.DEFINE_float("warmup_epochs", 0.0, "Linear warmup length in epochs.")
+flags.DEFINE_enum("schedule", "cosine", ["cosine", "constant"], "Schedule after warmup.")
+flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing.")
+flags.DEFINE_bool("randaugment", False, "RandAugment (Keras core layer) on training images.")
+flags.DEFINE_float("mixup", 0.0, "MixUp alpha (0: off).")
+flags.DEFINE_float("cutmix", 0.0, "CutMix alpha (0: off).")
+flags.DEFINE_float("drop_path_rate", 0.0, "Stochastic depth rate.")
+flags.DEFINE_string("teacher", None, "DeiT distillation teacher: registered name, .keras file or SavedModel dir.")
+flags.DEFINE_enum("distillation", "hard", ["hard", "soft"], "DeiT distillation kind.")
+flags.DEFINE_enum("strategy", "auto", ["auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu"], "tf.distribute strategy.")
+flags.DEFINE_string("tpu", None, "TPU name or grpc:// address ('local' on a TPU VM).")
+flags.DEFINE_enum("mixed_precision", "none", ["none", "mixed_float16", "mixed_bfloat16"], "Mixed precision policy.")
+flags.DEFINE_bool("jit_compile", True, "Compile train/eval steps with XLA.")
+flags.DEFINE_string("model_dir", "runs/default", "Checkpoints, TensorBoard logs, flags, curves.")
+flags.DEFINE_string("export_dir", None, "Export SavedModel (and TFLite) here at the end.")
+flags.DEFINE_enum("export_tflite", "none", ["none", "fp32", "fp16", "dynamic", "int8"], "TFLite export.")
+flags.DEFINE_integer("checkpoint_every", 100, "Save a checkpoint every N steps (and every epoch).")
+flags.DEFINE_integer("seed", 0, "Random seed (data, init, augmentation).")
+flags.DEFINE_bool("strict_data", False, "Fail on unreadable images instead of skipping them.")
+flags.DEFINE_integer("cpu_replicas", 0, "Split the CPU into N logical devices (tests, mirrored on CPU).")
+
+
+def config_from_flags():
+    from keras_vit.training import TrainConfig
+
+    try:
+        model_args = json.loads(F.model_args)
+    except json.JSONDecodeError as e:
+        fail(f"--model_args is not valid JSON: {e}")
+    if not isinstance(model_args, dict):
+        fail("--model_args must be a JSON object")
+    fields = {k: getattr(F, k) for k in TrainConfig.__dataclass_fields__ if k != "model_args"}
+    return TrainConfig(model_args=model_args, **fields)
+
+
+def main(argv):
+    del argv
+    if F.cpu_replicas:
+        import tensorflow as tf
+
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * F.cpu_replicas)
+    from keras_vit.training import TrainingDiverged, train, validate
+
+    config = config_from_flags()
+    try:
+        validate(config)
+    except ValueError as e:
+        fail(str(e))
+    os.makedirs(config.model_dir, exist_ok=True)
+    F.append_flags_into_file(os.path.join(config.model_dir, "flags.txt"))
+    try:
+        summary = train(config)
+    except TrainingDiverged as e:
+        fail(str(e))
+    except ValueError as e:  # data/batch checks that need the data or the strategy
+        fail(str(e))
+    print_summary(summary)
+
+
+def print_summary(s):
+    lines = [f"model {s['model']} at {s['img_size']} px, {s['num_classes']} classes, "
+             f"{s['steps']} steps in {s['train_seconds']:.0f} s"]
+    if "val_accuracy" in s:
+        lines.append(f"validation accuracy {100 * s['val_accuracy']:.1f}%")
+    if "saved_model" in s:
+        lines.append(f"SavedModel: {s['saved_model']}")
+    if "tflite" in s:
+        r = s["tflite"]
+        lines.append(f"TFLite ({r['quantization']}): {r['path']} {r['size_bytes'] / 1e6:.2f} MB, "
+                     f"top-1 agreement with Keras {100 * r['top1_agreement']:.1f}%, "
+                     f"max abs diff {r['max_abs_diff']:.2e}")
+    print("\n== summary ==\n" + "\n".join(lines), flush=True)
+    logging.info("summary: %s", s)
+
+
+if __name__ == "__main__":
+    app.run(main)

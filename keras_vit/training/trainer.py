@@ -1,0 +1,302 @@
+"""The image-classification trainer behind apps/train.py: data, model, strategy, checkpoints,
+resume at the exact step, NaN stop, logs, curves, export."""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import keras
+import numpy as np
+from absl import logging
+
+from keras_vit.training import callbacks as cb
+from keras_vit.training.distillation import DistillationModel
+from keras_vit.training.schedules import WarmupSchedule
+from keras_vit.training.strategy import STRATEGIES, get_strategy, is_chief
+
+OPTIMIZERS = ("adamw", "sgd")
+PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
+TFLITE_EXPORTS = ("none", "fp32", "fp16", "dynamic", "int8")
+_TFLITE_MODE = {"fp32": "none", "fp16": "float16", "dynamic": "dynamic", "int8": "int8"}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: str = "vit_tiny_patch16_224"
+    model_args: dict = dataclasses.field(default_factory=dict)  # builder overrides (depth, ...)
+    dataset: str = "shapes"
+    img_size: int = None  # None: the model's default input size
+    train_samples: int = None  # shapes only: images per split
+    val_samples: int = None
+    batch_size: int = 64  # global, over all replicas
+    epochs: int = 10
+    steps_per_epoch: int = None  # None: one pass over the training split
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.0
+    schedule: str = "cosine"
+    label_smoothing: float = 0.0
+    randaugment: bool = False
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    drop_path_rate: float = 0.0
+    teacher: str = None
+    distillation: str = "hard"
+    strategy: str = "auto"
+    tpu: str = None
+    mixed_precision: str = "none"
+    jit_compile: bool = True
+    model_dir: str = "runs/default"
+    export_dir: str = None
+    export_tflite: str = "none"
+    checkpoint_every: int = 100
+    seed: int = 0
+    strict_data: bool = False
+
+
+def validate(config):
+    """Every check that needs no data or model: a clear ValueError before any work starts."""
+    from keras_vit.registry import list_models
+
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(msg)
+
+    need(config.model in list_models(), _unknown_model(config.model))
+    need(config.batch_size > 0, f"--batch_size must be positive, got {config.batch_size}")
+    need(config.epochs > 0, f"--epochs must be positive, got {config.epochs}")
+    need(config.steps_per_epoch is None or config.steps_per_epoch > 0,
+         "--steps_per_epoch must be positive")
+    need(config.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}")
+    need(config.schedule in ("cosine", "constant"), "--schedule must be cosine or constant")
+    need(config.strategy in STRATEGIES, f"--strategy must be one of {STRATEGIES}")
+    need(config.mixed_precision in PRECISIONS, f"--mixed_precision must be one of {PRECISIONS}")
+    need(config.export_tflite in TFLITE_EXPORTS, f"--export_tflite must be one of {TFLITE_EXPORTS}")
+    need(config.distillation in ("hard", "soft"), "--distillation must be hard or soft")
+    need(config.learning_rate > 0, "--learning_rate must be positive")
+    need(0 <= config.label_smoothing < 1, "--label_smoothing must be in [0, 1)")
+    need(config.mixup >= 0 and config.cutmix >= 0, "--mixup/--cutmix must be >= 0")
+    need(0 <= config.drop_path_rate < 1, "--drop_path_rate must be in [0, 1)")
+    need(config.warmup_epochs >= 0, "--warmup_epochs must be >= 0")
+    if config.strategy == "tpu" and config.mixed_precision == "mixed_float16":
+        raise ValueError("TPUs train in mixed_bfloat16, not mixed_float16")
+    if config.teacher and not (config.teacher in list_models() or os.path.exists(config.teacher)):
+        raise ValueError(f"--teacher {config.teacher!r} is neither a registered model nor an "
+                         "existing .keras file / SavedModel directory")
+    kind = config.dataset.split(":", 1)[0]
+    if kind not in ("shapes", "folder", "tfrecord", "tfds"):
+        raise ValueError(f"--dataset must be shapes, folder:PATH, tfrecord:GLOB or tfds:NAME, "
+                         f"got {config.dataset!r}")
+    if kind == "folder" and not os.path.isdir(config.dataset.split(":", 1)[1]):
+        raise ValueError(f"--dataset {config.dataset!r}: no such directory")
+
+
+def _unknown_model(name):
+    import difflib
+
+    from keras_vit.registry import list_models
+
+    close = difflib.get_close_matches(name, list_models(), n=5, cutoff=0.5)
+    return f"--model {name!r} is not registered" + (f"; closest: {', '.join(close)}" if close else "")
+
+
+def _build_student(config, num_classes, img_size):
+    from keras_vit.registry import create_model
+
+    kwargs = dict(config.model_args, num_classes=num_classes, img_size=img_size)
+    if config.drop_path_rate:
+        kwargs["drop_path_rate"] = config.drop_path_rate
+    if config.teacher and "distilled" in config.model:
+        kwargs["distilled_training"] = True
+    return create_model(config.model, **kwargs)
+
+
+def _load_teacher(spec, num_classes, img_size):
+    from keras_vit.registry import create_model, list_models
+
+    if spec in list_models():
+        return create_model(spec, num_classes=num_classes, img_size=img_size)
+    if spec.endswith(".keras"):
+        return keras.saving.load_model(spec)
+    layer = keras.layers.TFSMLayer(spec, call_endpoint="serve")  # a SavedModel directory
+    inputs = keras.Input((img_size, img_size, 3))
+    return keras.Model(inputs, layer(inputs))
+
+
+def inference_model(model):
+    """The deployable model: distilled students average their two heads."""
+    from keras_vit.models.vit import distilled_inference_model
+
+    return distilled_inference_model(model) if len(model.outputs) == 2 else model
+
+
+def _worker_index():
+    return json.loads(os.environ.get("TF_CONFIG", "{}") or "{}").get("task", {}).get("index", 0)
+
+
+def train(config):
+    """Trains as configured; resumes from model_dir's last checkpoint. Returns a summary dict."""
+    from keras_vit.data import load_dataset, make_pipeline
+    from keras_vit.registry import get_model_config
+
+    validate(config)
+    start = time.time()
+    keras.utils.set_random_seed(config.seed)
+    strategy = get_strategy(config.strategy, config.tpu)
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+        raise ValueError(f"--batch_size {config.batch_size} is not divisible by the "
+                         f"{replicas} replicas")
+    cfg = get_model_config(config.model)
+    img_size = config.img_size or cfg["input_size"]
+    train_ds, info = load_dataset(config.dataset, "train", img_size=img_size, seed=config.seed,
+                                  num_samples=config.train_samples, strict=config.strict_data)
+    try:
+        val_ds, _ = load_dataset(config.dataset, "validation", img_size=img_size,
+                                 seed=config.seed, num_samples=config.val_samples,
+                                 strict=config.strict_data)
+    except (ValueError, FileNotFoundError) as e:
+        logging.warning("no validation split (%s); training without validation", e)
+        val_ds = None
+    steps_per_epoch = config.steps_per_epoch or max(info.num_examples // config.batch_size, 1)
+    total_steps = steps_per_epoch * config.epochs
+    pipe = dict(img_size=img_size, batch_size=config.batch_size, num_classes=info.num_classes,
+                mean=cfg["mean"], std=cfg["std"], interpolation=cfg.get("interpolation", "bicubic"),
+                crop_pct=cfg.get("crop_pct", 0.875), seed=config.seed)
+    train_pipe = make_pipeline(train_ds, training=True, randaugment=config.randaugment,
+                               mixup=config.mixup, cutmix=config.cutmix,
+                               label_smoothing=config.label_smoothing, repeat=True, **pipe)
+    val_pipe = make_pipeline(val_ds, training=False, **pipe) if val_ds is not None else None
+
+    if config.mixed_precision != "none":
+        keras.mixed_precision.set_global_policy(config.mixed_precision)
+    chief = is_chief()
+    ckpt_dir = cb.checkpoint_dir(config.model_dir, chief, _worker_index())
+    os.makedirs(config.model_dir, exist_ok=True)
+    with strategy.scope():
+        student = _build_student(config, info.num_classes, img_size)
+        schedule = WarmupSchedule(config.learning_rate, total_steps,
+                                  int(config.warmup_epochs * steps_per_epoch), config.schedule)
+        if config.optimizer == "adamw":
+            optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+        else:
+            optimizer = keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True,
+                                             weight_decay=config.weight_decay or None)
+        soft_labels = bool(config.mixup or config.cutmix or config.label_smoothing)
+        if config.teacher:
+            teacher = _load_teacher(config.teacher, info.num_classes, img_size)
+            model = DistillationModel(student, teacher, config.distillation,
+                                      label_smoothing=config.label_smoothing)
+            model.compile(optimizer=optimizer, jit_compile=config.jit_compile)
+        else:
+            model = student
+            loss = (keras.losses.CategoricalCrossentropy(from_logits=True) if soft_labels
+                    else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            metrics = [keras.metrics.CategoricalAccuracy(name="accuracy") if soft_labels
+                       else keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+            model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
+                          jit_compile=config.jit_compile)
+        optimizer.build(model.trainable_variables)
+    step = cb.restore(model, ckpt_dir)
+    if step:
+        logging.info("resuming from step %d of %d (%s)", step, total_steps, ckpt_dir)
+
+    history_path = os.path.join(config.model_dir, "history.json")
+    callbacks = [cb.StepCheckpoint(ckpt_dir, config.checkpoint_every), cb.LearningRateLogger(),
+                 cb.HistoryFile(history_path) if chief else keras.callbacks.Callback()]
+    if chief:
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs")))
+    verbose = 1 if sys.stdout.isatty() else 0
+    if not verbose:
+        callbacks.append(cb.AbslProgress(total_steps, max(steps_per_epoch // 4, 1)))
+    if config.teacher and val_pipe is not None:
+        callbacks.insert(1, _DistilledValidation(student, val_pipe))
+
+    epoch, offset = divmod(step, steps_per_epoch)
+    data = train_pipe.skip(step)  # the pipeline is seeded: skipping replays the same order
+    fit_val = None if config.teacher else val_pipe
+    if step < total_steps and offset:
+        model.fit(data, initial_epoch=epoch, epochs=epoch + 1,
+                  steps_per_epoch=steps_per_epoch - offset, validation_data=fit_val,
+                  callbacks=callbacks, verbose=verbose)
+        data = train_pipe.skip((epoch + 1) * steps_per_epoch)
+        epoch += 1
+    if epoch < config.epochs:
+        model.fit(data, initial_epoch=epoch, epochs=config.epochs,
+                  steps_per_epoch=steps_per_epoch, validation_data=fit_val, callbacks=callbacks,
+                  verbose=verbose)
+    final_step = int(optimizer.iterations.numpy())
+
+    summary = dict(model=config.model, steps=final_step, total_steps=total_steps,
+                   num_classes=info.num_classes, class_names=info.class_names,
+                   img_size=img_size, train_seconds=round(time.time() - start, 1))
+    deploy = inference_model(student)
+    if val_pipe is not None:
+        summary["val_accuracy"] = evaluate_accuracy(deploy, val_pipe)
+    if chief:
+        deploy.save(os.path.join(config.model_dir, "model.keras"))
+        with open(os.path.join(config.model_dir, "classes.json"), "w") as f:
+            json.dump(info.class_names, f)
+        summary["curve"] = cb.plot_history(cb.load_history(history_path),
+                                           os.path.join(config.model_dir, "training_curve.png"))
+        if config.export_dir:
+            summary.update(export_all(deploy, config.export_dir, config.export_tflite, val_pipe))
+        with open(os.path.join(config.model_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1, default=str)
+    return summary
+
+
+class _DistilledValidation(keras.callbacks.Callback):
+    """val_accuracy of the averaged-heads student, for distillation runs."""
+
+    def __init__(self, student, val_pipe):
+        super().__init__()
+        self.student, self.val_pipe = student, val_pipe
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["val_accuracy"] = evaluate_accuracy(inference_model(self.student), self.val_pipe)
+
+
+def evaluate_accuracy(model, pipe):
+    correct = total = 0
+    for images, labels in pipe:
+        pred = np.asarray(model(images, training=False)).argmax(-1)
+        labels = np.asarray(labels)
+        labels = labels.argmax(-1) if labels.ndim == 2 else labels
+        correct += int((pred == labels).sum())
+        total += len(labels)
+    return correct / max(total, 1)
+
+
+def representative_images(pipe, count=256):
+    if pipe is None:
+        return None
+    batches, n = [], 0
+    for images, _ in pipe:
+        batches.append(np.asarray(images))
+        n += len(batches[-1])
+        if n >= count:
+            break
+    return np.concatenate(batches)[:count]
+
+
+def export_all(model, export_dir, tflite_mode, val_pipe):
+    """SavedModel + (optionally) a verified TFLite file; returns paths and the report."""
+    from keras_vit.export import export_saved_model, export_tflite
+
+    os.makedirs(export_dir, exist_ok=True)
+    out = {"saved_model": export_saved_model(model, os.path.join(export_dir, "saved_model"))}
+    if tflite_mode != "none":
+        data = representative_images(val_pipe)
+        if tflite_mode == "int8" and data is None:
+            raise ValueError("an int8 export needs validation data for calibration")
+        suffix = "" if tflite_mode == "fp32" else f"_{tflite_mode}"
+        report = export_tflite(model, os.path.join(export_dir, f"model{suffix}.tflite"),
+                               quantization=_TFLITE_MODE[tflite_mode], representative_data=data)
+        out["tflite"] = report
+    return out
