@@ -1,0 +1,80 @@
+"""apps/benchmark.py end to end on a tiny config, its flag checks, and the TFLite path."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+import keras_vit
+from keras_vit import benchmark as bm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+APP = os.path.join(ROOT, "apps", "benchmark.py")
+TINY = '{"depth": 2}'
+
+
+def _run_app(*flags, timeout=240):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, APP, *flags], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=ROOT)
+
+
+def test_app_end_to_end_without_timm(tmp_path):
+    out_csv = tmp_path / "bench.csv"
+    out_md = tmp_path / "bench.md"
+    proc = _run_app("--model=vit_tiny_patch16_224", f"--model_args={TINY}", "--img_size=32",
+                    "--batch_size=2", "--modes=tf_function,train", "--warmup=1", "--iters=2",
+                    "--rounds=1", "--timm=off", "--onednn=off", "--notrain_jit_compile",
+                    f"--csv={out_csv}",
+                    f"--markdown={out_md}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| vit_tiny_patch16_224 | keras | tf_function | 32 | 2 |" in proc.stdout
+    assert "TF_ENABLE_ONEDNN_OPTS=0" in proc.stdout
+    with open(out_csv) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["framework"], r["mode"]) for r in rows] == [("keras", "tf_function"),
+                                                           ("keras", "train")]
+    for r in rows:
+        assert float(r["images_per_s"]) > 0 and float(r["peak_rss_mib"]) > 0
+        assert r["onednn"] == "off" and r["images_per_s_vs_timm"] == ""
+    assert float(rows[0]["latency_ms"]) > 0 and rows[1]["latency_ms"] == ""
+    assert "| images/s |" in out_md.read_text()
+
+
+def test_app_rejects_bad_flags():
+    proc = _run_app("--model=vit_not_a_model", "--modes=tf_function", "--timm=off")
+    assert proc.returncode != 0
+    assert "Unknown model 'vit_not_a_model'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = _run_app("--modes=xla,warp_drive", "--timm=off")  # before TensorFlow loads
+    assert proc.returncode != 0 and "warp_drive" in proc.stderr and "tflite_int8" in proc.stderr
+    proc = _run_app("--batch_size=0", "--timm=off")
+    assert proc.returncode != 0 and "--batch_size must be >= 1" in proc.stderr
+
+
+def test_tflite_mode_and_table():
+    model = keras_vit.create_model("vit_tiny_patch16_224", img_size=32, depth=1)
+    bench = bm.KerasBench(model, 32, batch_size=1, threads=1, warmup=1, iters=2)
+    res = bench.run("tflite_fp32")
+    assert res["images_per_s"] > 0 and res["latency_ms"] > 0 and res["peak_rss_mib"] > 0
+    assert "rel. diff" in bench.notes["tflite_fp32"]
+    row = dict(model="m", framework="keras", mode="tflite_fp32", img_size=32, batch_size=1,
+               threads=1, onednn="on", images_per_s=res["images_per_s"], latency_ms=None,
+               peak_rss_mib=res["peak_rss_mib"], memory_source="ru_maxrss",
+               images_per_s_vs_timm=1.25)
+    table = bm.markdown_table([row])
+    assert "| m | keras | tflite_fp32 | 32 | 1 | 1 | on |" in table and "| 1.25 |" in table
+    assert "(ru_maxrss)" in table
+
+
+def test_timing_helpers():
+    calls = []
+    times = bm.timed(lambda: calls.append(1), warmup=2, iters=3)
+    assert len(times) == 3 and len(calls) == 5
+    assert bm.median([3.0, 1.0, 2.0]) == 2.0
+    assert bm.timm_importable("/nonexistent/python") is False
+    peak, source = bm.peak_rss_mib()
+    assert peak > 0 and source in ("VmHWM", "ru_maxrss")
+    np.testing.assert_array_equal(bm._inputs(2, 4, 0), bm._inputs(2, 4, 0))
