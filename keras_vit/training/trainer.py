@@ -177,6 +177,10 @@ def train(config):
     chief = is_chief()
     ckpt_dir = cb.checkpoint_dir(config.model_dir, chief, _worker_index())
     os.makedirs(config.model_dir, exist_ok=True)
+    if chief:
+        write_json(os.path.join(config.model_dir, "config.json"), dataclasses.asdict(config))
+        write_json(os.path.join(config.model_dir, "preprocessing.json"),
+                   dict(pipe, class_names=info.class_names, model=config.model))
     with strategy.scope():
         student = _build_student(config, info.num_classes, img_size)
         schedule = WarmupSchedule(config.learning_rate, total_steps,
@@ -239,14 +243,11 @@ def train(config):
         summary["val_accuracy"] = evaluate_accuracy(deploy, val_pipe)
     if chief:
         deploy.save(os.path.join(config.model_dir, "model.keras"))
-        with open(os.path.join(config.model_dir, "classes.json"), "w") as f:
-            json.dump(info.class_names, f)
         summary["curve"] = cb.plot_history(cb.load_history(history_path),
                                            os.path.join(config.model_dir, "training_curve.png"))
         if config.export_dir:
             summary.update(export_all(deploy, config.export_dir, config.export_tflite, val_pipe))
-        with open(os.path.join(config.model_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1, default=str)
+        write_json(os.path.join(config.model_dir, "summary.json"), summary)
     return summary
 
 
@@ -260,6 +261,41 @@ class _DistilledValidation(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["val_accuracy"] = evaluate_accuracy(inference_model(self.student), self.val_pipe)
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_trained_model(path):
+    """A trained model from a .keras file, or from a model_dir: its model.keras, else the
+    model rebuilt from config.json with the last checkpoint's weights."""
+    if os.path.isfile(path):
+        return keras.saving.load_model(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"{path!r} is neither a .keras file nor a model_dir")
+    if os.path.exists(os.path.join(path, "model.keras")):
+        return keras.saving.load_model(os.path.join(path, "model.keras"))
+    config_path = os.path.join(path, "config.json")
+    ckpt_dir = cb.checkpoint_dir(path)
+    if not (os.path.exists(config_path) and cb.latest_step(ckpt_dir)):
+        raise ValueError(f"{path!r} has no model.keras and no checkpoint with config.json")
+    config = TrainConfig(**read_json(config_path))
+    prep = read_json(os.path.join(path, "preprocessing.json"))
+    config.teacher = None  # the checkpoint holds the student alone when rebuilt for export
+    model = _build_student(config, prep["num_classes"], prep["img_size"])
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3))
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(os.path.join(ckpt_dir, cb.CHECKPOINT_NAME))
+    return inference_model(model)
 
 
 def evaluate_accuracy(model, pipe):

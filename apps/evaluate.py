@@ -1,0 +1,127 @@
+"""Evaluates a trained model: top-1/top-5, per-class accuracy, a confusion-matrix PNG.
+
+    python apps/evaluate.py --model_path=runs/vit_tiny --dataset=shapes --split=validation
+
+--model_path is a .keras file or a training model_dir (its preprocessing.json gives the
+image size, mean/std and class names; without one, give --img_size and the defaults
+of --config_from apply).
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import fail, prepare_environment  # noqa: E402
+
+prepare_environment()
+
+from absl import app, flags  # noqa: E402
+
+F = flags.FLAGS
+flags.DEFINE_string("model_path", None, "A .keras file or a training model_dir.", required=True)
+flags.DEFINE_string("dataset", "shapes", "shapes | folder:PATH | tfrecord:GLOB | tfds:NAME.")
+flags.DEFINE_string("split", "validation", "Split to evaluate.")
+flags.DEFINE_integer("val_samples", None, "shapes: number of images.")
+flags.DEFINE_integer("batch_size", 64, "Batch size.")
+flags.DEFINE_integer("img_size", None, "Input size (default: from preprocessing.json / the model).")
+flags.DEFINE_string("config_from", None, "Registered model whose mean/std/crop to use when the "
+                    "model_dir has no preprocessing.json.")
+flags.DEFINE_string("output_dir", None, "Where metrics.json and confusion_matrix.png go "
+                    "(default: the model_dir, or next to the .keras file).")
+flags.DEFINE_integer("seed", 0, "Seed of the shapes data (the training run's seed).")
+
+
+def preprocessing(model_path, model):
+    from keras_vit.registry import get_model_config
+
+    model_dir = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
+    path = os.path.join(model_dir, "preprocessing.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    cfg = get_model_config(F.config_from) if F.config_from else {}
+    return dict(img_size=F.img_size or model.input_shape[1], mean=cfg.get("mean", (0.485, 0.456, 0.406)),
+                std=cfg.get("std", (0.229, 0.224, 0.225)), crop_pct=cfg.get("crop_pct", 0.875),
+                interpolation=cfg.get("interpolation", "bicubic"), class_names=None)
+
+
+def evaluate(model, pipe, num_classes):
+    import numpy as np
+
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    top5 = total = 0
+    for images, labels in pipe:
+        logits = np.asarray(model(images, training=False))
+        labels = np.asarray(labels)
+        confusion += np.bincount(labels * num_classes + logits.argmax(-1),
+                                 minlength=num_classes ** 2).reshape(num_classes, num_classes)
+        k = min(5, num_classes)
+        top5 += int((np.argsort(-logits, -1)[:, :k] == labels[:, None]).any(-1).sum())
+        total += len(labels)
+    per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
+    return dict(top1=float(confusion.trace() / max(total, 1)), top5=float(top5 / max(total, 1)),
+                per_class=per_class.tolist(), confusion=confusion.tolist(), count=int(total))
+
+
+def plot_confusion(confusion, names, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    confusion = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * len(names), 1 + 0.6 * len(names)))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if confusion[i, j] > confusion.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    if not os.path.exists(F.model_path):
+        fail(f"--model_path {F.model_path!r} does not exist")
+    from keras_vit.data import load_dataset, make_pipeline
+    from keras_vit.training.trainer import load_trained_model
+
+    try:
+        model = load_trained_model(F.model_path)
+    except ValueError as e:
+        fail(str(e))
+    prep = preprocessing(F.model_path, model)
+    img_size = F.img_size or prep["img_size"]
+    try:
+        ds, info = load_dataset(F.dataset, F.split, img_size=img_size, seed=F.seed,
+                                num_samples=F.val_samples)
+    except ValueError as e:
+        fail(str(e))
+    names = prep.get("class_names") or info.class_names
+    pipe = make_pipeline(ds, training=False, img_size=img_size, batch_size=F.batch_size,
+                         num_classes=info.num_classes, mean=prep["mean"], std=prep["std"],
+                         crop_pct=prep["crop_pct"], interpolation=prep["interpolation"])
+    metrics = evaluate(model, pipe, info.num_classes)
+    out = F.output_dir or (F.model_path if os.path.isdir(F.model_path)
+                           else os.path.dirname(os.path.abspath(F.model_path)))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(dict(metrics, class_names=names), f, indent=1)
+    plot_confusion(metrics["confusion"], names, os.path.join(out, "confusion_matrix.png"))
+    print(f"top-1 {100 * metrics['top1']:.2f}%  top-5 {100 * metrics['top5']:.2f}%  "
+          f"({metrics['count']} images)")
+    for name, acc in zip(names, metrics["per_class"]):
+        print(f"  {name:>12s} {100 * acc:6.2f}%")
+    print(f"metrics and confusion matrix in {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,90 @@
+"""Exports a trained model to SavedModel and TFLite (every quantization mode), verified.
+
+    python apps/export.py --model_path=runs/vit_tiny --export_dir=saved_models/vit_tiny \
+        --modes=fp32,fp16,dynamic,int8 --dataset=shapes
+
+--model_path is a .keras file or a training model_dir (its model.keras, else its last
+checkpoint). int8 is calibrated on --calibration_batches batches of --dataset.
+Each TFLite file is verified against Keras before it replaces an existing file.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import fail, prepare_environment  # noqa: E402
+
+prepare_environment()
+
+from absl import app, flags  # noqa: E402
+
+F = flags.FLAGS
+MODES = {"fp32": "none", "fp16": "float16", "dynamic": "dynamic", "int8": "int8"}
+flags.DEFINE_string("model_path", None, "A .keras file or a training model_dir.", required=True)
+flags.DEFINE_string("export_dir", "saved_models/export", "Output directory.")
+flags.DEFINE_list("modes", ["fp32", "fp16", "dynamic", "int8"], "TFLite modes: fp32,fp16,dynamic,int8.")
+flags.DEFINE_bool("saved_model", True, "Also write a SavedModel.")
+flags.DEFINE_string("dataset", None, "Calibration/verification data (needed for int8).")
+flags.DEFINE_integer("calibration_batches", 8, "Batches of --dataset for int8 calibration.")
+flags.DEFINE_integer("batch_size", 32, "Batch size of the calibration data.")
+flags.DEFINE_integer("tflite_batch_size", 1, "Fixed batch size inside the TFLite files.")
+flags.DEFINE_integer("seed", 0, "Seed of the shapes data.")
+
+
+def main(argv):
+    del argv
+    bad = [m for m in F.modes if m not in MODES]
+    if bad:
+        fail(f"--modes: unknown {bad}; choose from {list(MODES)}")
+    if "int8" in F.modes and not F.dataset:
+        fail("an int8 export needs calibration data: pass --dataset (e.g. --dataset=shapes)")
+    if not os.path.exists(F.model_path):
+        fail(f"--model_path {F.model_path!r} does not exist")
+    import numpy as np
+
+    from keras_vit.data import load_dataset, make_pipeline
+    from keras_vit.export import export_saved_model, export_tflite
+    from keras_vit.training.trainer import load_trained_model
+
+    try:
+        model = load_trained_model(F.model_path)
+    except ValueError as e:
+        fail(str(e))
+    img_size = model.input_shape[1]
+    data = None
+    if F.dataset:
+        prep_path = os.path.join(F.model_path if os.path.isdir(F.model_path)
+                                 else os.path.dirname(os.path.abspath(F.model_path)),
+                                 "preprocessing.json")
+        prep = json.load(open(prep_path)) if os.path.exists(prep_path) else {}
+        try:
+            ds, info = load_dataset(F.dataset, "validation", img_size=img_size, seed=F.seed,
+                                    num_samples=F.calibration_batches * F.batch_size)
+        except ValueError as e:
+            fail(str(e))
+        pipe = make_pipeline(ds, training=False, img_size=img_size, batch_size=F.batch_size,
+                             num_classes=info.num_classes,
+                             **{k: prep[k] for k in ("mean", "std", "crop_pct", "interpolation")
+                                if k in prep})
+        data = np.concatenate([np.asarray(x) for x, _ in pipe.take(F.calibration_batches)])
+    os.makedirs(F.export_dir, exist_ok=True)
+    if F.saved_model:
+        print(f"SavedModel: {export_saved_model(model, os.path.join(F.export_dir, 'saved_model'))}")
+    rows = []
+    for mode in F.modes:
+        path = os.path.join(F.export_dir, "model.tflite" if mode == "fp32" else f"model_{mode}.tflite")
+        r = export_tflite(model, path, quantization=MODES[mode], representative_data=data,
+                          batch_size=F.tflite_batch_size)
+        rows.append((mode, r))
+    print("\n| mode | file | size (MB) | max abs diff | rel. diff | top-1 agreement |")
+    print("|---|---|---|---|---|---|")
+    for mode, r in rows:
+        print(f"| {mode} | {r['path']} | {r['size_bytes'] / 1e6:.2f} | {r['max_abs_diff']:.2e} | "
+              f"{r['relative_diff']:.2e} | {100 * r['top1_agreement']:.1f}% |")
+    with open(os.path.join(F.export_dir, "export_report.json"), "w") as f:
+        json.dump({m: r for m, r in rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)
