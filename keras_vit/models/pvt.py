@@ -96,7 +96,10 @@ class MlpWithDepthwiseConv(keras.layers.Layer):
         self.out_features = out_features
         self.extra_relu, self.drop = bool(extra_relu), float(drop)
         self.fc1 = dense(self.hidden_features, name="fc1")
-        self.dwconv = keras.layers.DepthwiseConv2D(3, padding="same", name="dwconv")
+        # timm's conv init: normal(0, sqrt(2 / fan_out)), fan_out = 3 * 3 per group.
+        self.dwconv = keras.layers.DepthwiseConv2D(
+            3, padding="same", name="dwconv",
+            depthwise_initializer=keras.initializers.RandomNormal(stddev=(2.0 / 9) ** 0.5))
         self.fc2 = None  # width known at build time when out_features is None
         self.dropout = keras.layers.Dropout(self.drop)
 
