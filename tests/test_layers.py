@@ -129,3 +129,16 @@ def test_resize_grid_identity_and_constant():
     for method in ("bicubic", "bilinear"):
         for aa in (True, False):
             np.testing.assert_allclose(L.resize_grid(const, (7, 3), method, aa), 1.0, atol=1e-9)
+
+
+def test_layers_of_the_same_shape_start_different():
+    """Each dense layer draws its own initial weights (a shared unseeded Keras initializer
+    would give every block identical ones)."""
+    from keras_vit.models.vit import vision_transformer
+
+    model = vision_transformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                               num_classes=4)
+    a = np.asarray(model.get_layer("blocks.0").attn.qkv.kernel)
+    b = np.asarray(model.get_layer("blocks.1").attn.qkv.kernel)
+    assert not np.allclose(a, b)
+    assert 0.01 < a.std() < 0.03

@@ -3,12 +3,16 @@
 import keras
 from keras import ops
 
-# timm initialises linear layers with trunc_normal(std=.02) and zero bias.
-TRUNC_NORMAL = keras.initializers.TruncatedNormal(stddev=0.02)
+def trunc_normal(stddev=0.02):
+    """timm's trunc_normal_(std=.02). A new instance per weight: Keras 3 gives an unseeded
+    initializer instance the same values on every call, so sharing one would start
+    every layer of a shape with identical weights."""
+    return keras.initializers.TruncatedNormal(stddev=stddev)
 
 
 def dense(units, use_bias=True, name=None):
-    return keras.layers.Dense(units, use_bias=use_bias, kernel_initializer=TRUNC_NORMAL,
+    """Linear layer with timm's init: trunc_normal(std=.02) weights, zero bias."""
+    return keras.layers.Dense(units, use_bias=use_bias, kernel_initializer=trunc_normal(),
                               bias_initializer="zeros", name=name)
 
 

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_vit.layers.common import TRUNC_NORMAL, layer_norm
+from keras_vit.layers.common import layer_norm
 
 
 def to_2tuple(x):
