@@ -266,8 +266,9 @@ def benchmark(model_name, *, img_size=None, batch_size=8, threads=None, modes=MO
     model = keras_vit.create_model(model_name, img_size=img_size, **model_args)
     log(f"built {model_name} at {img_size} px in {time.perf_counter() - t:.1f} s "
         f"({model.count_params() / 1e6:.2f} M parameters)")
+    tmp = tempfile.TemporaryDirectory(prefix="keras_vit_bench_")  # the .tflite files
     bench = KerasBench(model, img_size, batch_size, threads, warmup, iters, seconds,
-                       train_jit_compile=train_jit_compile, log=log)
+                       tmp_dir=tmp.name, train_jit_compile=train_jit_compile, log=log)
     timm_proc = None
     if timm_python:
         num_classes = int(model.outputs[0].shape[-1])
@@ -297,6 +298,7 @@ def benchmark(model_name, *, img_size=None, batch_size=8, threads=None, modes=MO
     finally:
         if timm_proc:
             timm_proc.close()
+        tmp.cleanup()
 
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     common = dict(timestamp=stamp, model=model_name, img_size=img_size, batch_size=batch_size,

@@ -54,12 +54,14 @@ def test_app_rejects_bad_flags():
     assert proc.returncode != 0 and "--batch_size must be >= 1" in proc.stderr
 
 
-def test_tflite_mode_and_table():
+def test_tflite_mode_and_table(tmp_path):
     model = keras_vit.create_model("vit_tiny_patch16_224", img_size=32, depth=1)
-    bench = bm.KerasBench(model, 32, batch_size=1, threads=1, warmup=1, iters=2)
+    bench = bm.KerasBench(model, 32, batch_size=1, threads=1, warmup=1, iters=2,
+                          tmp_dir=str(tmp_path))
     res = bench.run("tflite_fp32")
     assert res["images_per_s"] > 0 and res["latency_ms"] > 0 and res["peak_rss_mib"] > 0
     assert "rel. diff" in bench.notes["tflite_fp32"]
+    assert sorted(os.listdir(tmp_path)) == [f"{model.name}_none_b1.tflite"]  # B=1: one file
     row = dict(model="m", framework="keras", mode="tflite_fp32", img_size=32, batch_size=1,
                threads=1, onednn="on", images_per_s=res["images_per_s"], latency_ms=None,
                peak_rss_mib=res["peak_rss_mib"], memory_source="ru_maxrss",
