@@ -9,6 +9,7 @@ import numpy as np
 from conftest import fixture_path, load_param_counts
 from keras_vit.convert import load_checkpoint, load_timm_weights
 from keras_vit.export import export_tflite
+from keras_vit.models.common import count_parameters
 from keras_vit.registry import create_model
 
 
@@ -32,22 +33,13 @@ def check_timm_parity(family, name, entry, atol=1e-4):
     return model
 
 
-def parameter_count(model):
-    """Parameters as torch counts them: every weight but BatchNorm's running statistics
-    (buffers in torch, non-trainable weights in Keras)."""
-    stats = sum(int(np.prod(v.shape)) for layer in model._flatten_layers()
-                if isinstance(layer, keras.layers.BatchNormalization)
-                for v in (layer.moving_mean, layer.moving_variance))
-    return model.count_params() - stats
-
-
 def check_param_count_equals_timm(family, name):
     """The full-size variant has timm's default head and exactly timm's parameter count."""
     ref = load_param_counts(family)[name]
     model = create_model(name)
     if ref["num_classes"]:
         assert model.output_shape[-1] == ref["num_classes"]
-    assert parameter_count(model) == ref["params"], (parameter_count(model), ref["params"])
+    assert count_parameters(model) == ref["params"], (count_parameters(model), ref["params"])
     return model
 
 

@@ -43,3 +43,31 @@ def drop_path_rates(drop_path_rate, depth):
     if depth == 1:
         return [0.0]
     return [drop_path_rate * i / (depth - 1) for i in range(depth)]
+
+
+def count_parameters(model):
+    """Parameters as torch counts them: every weight but BatchNorm's running statistics
+    (buffers in torch, non-trainable weights in Keras)."""
+    import keras
+    import numpy as np
+
+    stats = sum(int(np.prod(v.shape)) for layer in model._flatten_layers()
+                if isinstance(layer, keras.layers.BatchNormalization)
+                for v in (layer.moving_mean, layer.moving_variance))
+    return model.count_params() - stats
+
+
+def count_macs(model):
+    """Multiply-accumulates of one inference at batch 1, from the Keras graph: TensorFlow's
+    profiler counts the frozen graph's float ops (2 per MAC in MatMul/Conv); returns /2."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    spec = tf.TensorSpec((1,) + tuple(model.inputs[0].shape[1:]), tf.float32)
+    fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+    frozen = convert_variables_to_constants_v2(fn.get_concrete_function())
+    opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    opts["output"] = "none"
+    return tf.compat.v1.profiler.profile(graph=frozen.graph, options=opts).total_float_ops // 2

@@ -220,9 +220,14 @@ def train(config):
     if config.teacher and val_pipe is not None:
         callbacks.insert(1, _DistilledValidation(student, val_pipe))
 
+    _build_before_multi_worker_fit(model, strategy, train_pipe)
     epoch, offset = divmod(step, steps_per_epoch)
     data = train_pipe.skip(step)  # the pipeline is seeded: skipping replays the same order
     fit_val = None if config.teacher else val_pipe
+    if fit_val is not None and soft_labels:  # the categorical loss wants one-hot targets
+        import tensorflow as tf
+
+        fit_val = fit_val.map(lambda x, y: (x, tf.one_hot(y, info.num_classes)))
     if step < total_steps and offset:
         model.fit(data, initial_epoch=epoch, epochs=epoch + 1,
                   steps_per_epoch=steps_per_epoch - offset, validation_data=fit_val,
@@ -249,6 +254,47 @@ def train(config):
             summary.update(export_all(deploy, config.export_dir, config.export_tflite, val_pipe))
         write_json(os.path.join(config.model_dir, "summary.json"), summary)
     return summary
+
+
+def _build_before_multi_worker_fit(model, strategy, pipe):
+    """Keras 3.15's fit builds metrics from a batch it first reduces eagerly across replicas,
+    which MultiWorkerMirroredStrategy cannot do ("Attempt to convert a value (PerReplica...)").
+    Build them from one local batch instead and skip that step."""
+    import tensorflow as tf
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return
+    sample = next(iter(pipe.take(1)))
+    with strategy.scope():
+        model._symbolic_build(data_batch=sample)
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+    _patch_multi_worker_log_reduction()
+
+
+def _patch_multi_worker_log_reduction():
+    """Keras 3.15 averages each step's logs (scalars) across workers with
+    ``strategy.reduce("MEAN", v, axis=0)``, which fails on rank-0 values; scalars need
+    axis=None. Wraps Keras' reduce for collective multi-worker strategies only."""
+    import tensorflow as tf
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    original = tf_trainer.reduce_per_replica
+    if getattr(original, "_keras_vit_patched", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and reduction in (
+                "mean", "auto"):
+            def reduce(v):
+                if isinstance(v, tf.distribute.DistributedValues) or tf.is_tensor(v):
+                    return strategy.reduce("MEAN", v, axis=None)
+                return v
+
+            return keras.tree.map_structure(reduce, values)
+        return original(values, strategy, reduction)
+
+    reduce_per_replica._keras_vit_patched = True
+    tf_trainer.reduce_per_replica = reduce_per_replica
 
 
 class _DistilledValidation(keras.callbacks.Callback):

@@ -1,0 +1,191 @@
+"""The training journey: apps end to end, strategies, resume after SIGKILL, NaN stop, flags."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model=vit_tiny_patch16_224", '--model_args={"patch_size": 8, "depth": 1, '
+        '"embed_dim": 32, "num_heads": 2}', "--img_size=32", "--train_samples=96",
+        "--val_samples=32", "--batch_size=16", "--jit_compile=false"]
+
+
+def run_app(app, *args, env=None, check=True, timeout=600):
+    cmd = [sys.executable, os.path.join(ROOT, "apps", app), *args]
+    full_env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{app} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+def read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def checkpoint_arrays(path):
+    """Every array of a Keras .weights.h5 checkpoint (model and optimizer), by h5 path."""
+    import h5py
+
+    values = {}
+    with h5py.File(path) as f:
+        f.visititems(lambda n, o: values.__setitem__(n, np.asarray(o))
+                     if hasattr(o, "shape") else None)
+    return values
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model=vit_smal_patch16_224"], "closest: vit_small_patch16_224"),
+    (["--dataset=folder:/no/such/dir"], "no such directory"),
+    (["--dataset=imagenet"], "--dataset must be"),
+    (["--model_args=[1]"], "must be a JSON object"),
+    (["--learning_rate=-1"], "--learning_rate must be positive"),
+])
+def test_bad_flags_fail_before_any_work(tmp_path, args, message):
+    proc = run_app("train.py", *TINY, f"--model_dir={tmp_path}/run", *args, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_batch_not_divisible_by_replicas(tmp_path):
+    proc = run_app("train.py", *TINY[:-2], "--batch_size=15", "--strategy=mirrored",
+                   "--cpu_replicas=2", f"--model_dir={tmp_path}/run", check=False)
+    assert proc.returncode != 0 and "not divisible by the 2 replicas" in proc.stderr
+
+
+def test_train_evaluate_export_end_to_end(tmp_path):
+    run = str(tmp_path / "run")
+    run_app("train.py", *TINY, "--epochs=2", f"--model_dir={run}", f"--export_dir={run}/export",
+            "--export_tflite=fp32", "--label_smoothing=0.1", "--mixup=0.2", "--cutmix=1.0")
+    summary = read(f"{run}/summary.json")
+    assert summary["steps"] == summary["total_steps"] == 12
+    assert 0.0 <= summary["val_accuracy"] <= 1.0
+    assert summary["tflite"]["relative_diff"] <= 1e-4
+    for name in ("model.keras", "flags.txt", "training_curve.png", "history.json",
+                 "export/saved_model/saved_model.pb", "export/model.tflite"):
+        assert os.path.exists(os.path.join(run, name)), name
+    assert len(read(f"{run}/history.json")) == 2
+    assert os.listdir(os.path.join(run, "logs"))  # TensorBoard event files
+
+    proc = run_app("evaluate.py", f"--model_path={run}", "--val_samples=32")
+    metrics = read(f"{run}/metrics.json")
+    assert metrics["count"] == 32 and abs(metrics["top1"] - summary["val_accuracy"]) < 1e-6
+    assert metrics["top5"] >= metrics["top1"]
+    assert os.path.exists(f"{run}/confusion_matrix.png") and "top-1" in proc.stdout
+
+    proc = run_app("export.py", f"--model_path={run}", f"--export_dir={tmp_path}/exp",
+                   "--dataset=shapes", "--calibration_batches=2", "--batch_size=16")
+    report = read(f"{tmp_path}/exp/export_report.json")
+    assert set(report) == {"fp32", "fp16", "dynamic", "int8"}
+    assert report["fp32"]["relative_diff"] <= 1e-4 and report["fp16"]["relative_diff"] <= 1e-2
+    assert report["int8"]["size_bytes"] < report["fp32"]["size_bytes"]
+    assert "| int8 |" in proc.stdout
+
+    proc = run_app("export.py", f"--model_path={run}", "--modes=int8", check=False)
+    assert proc.returncode != 0 and "needs calibration data" in proc.stderr
+
+
+def _latest_checkpoint_step(run):
+    path = os.path.join(run, "checkpoints", "ckpt.json")
+    try:
+        return read(path)["step"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def test_sigkill_mid_epoch_resumes_from_last_step(tmp_path):
+    run = str(tmp_path / "run")
+    args = [*TINY, "--train_samples=160", "--epochs=3", "--checkpoint_every=2", f"--model_dir={run}"]
+    cmd = [sys.executable, os.path.join(ROOT, "apps", "train.py"), *args]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while _latest_checkpoint_step(run) < 4 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = _latest_checkpoint_step(run)
+    assert 4 <= killed_at < 30, killed_at  # mid-run (10 steps per epoch, 30 in all)
+    second = run_app("train.py", *args)
+    assert f"resuming from step {killed_at} of 30" in second.stderr
+    assert read(f"{run}/summary.json")["steps"] == 30
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    run = str(tmp_path / "run")
+    proc = run_app("train.py", *TINY, "--learning_rate=1e12", "--schedule=constant",
+                   "--checkpoint_every=1", "--epochs=3", f"--model_dir={run}", check=False)
+    assert proc.returncode != 0
+    assert "loss became NaN/Inf" in proc.stderr
+    assert _latest_checkpoint_step(run) >= 1
+    values = checkpoint_arrays(os.path.join(run, "checkpoints", "ckpt.weights.h5"))
+    assert values and all(np.isfinite(v).all() for v in values.values() if v.dtype.kind == "f")
+
+
+def test_mirrored_over_two_cpu_replicas(tmp_path):
+    run = str(tmp_path / "run")
+    run_app("train.py", *TINY, "--strategy=mirrored", "--cpu_replicas=2", "--epochs=1",
+            f"--model_dir={run}")
+    assert read(f"{run}/summary.json")["steps"] == 6
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_multi_worker_mirrored_two_processes_end_identical(tmp_path):
+    ports = [_free_port(), _free_port()]
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for index in range(2):
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3",
+                   TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker",
+                                                                       "index": index}}))
+        cmd = [sys.executable, os.path.join(ROOT, "apps", "train.py"), *TINY, "--epochs=1",
+               "--strategy=multi_worker_mirrored", f"--model_dir={tmp_path}/run"]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-4000:]
+    chief = checkpoint_arrays(tmp_path / "run" / "checkpoints" / "ckpt.weights.h5")
+    other = checkpoint_arrays(tmp_path / "run" / "checkpoints_worker1" / "ckpt.weights.h5")
+    assert chief.keys() == other.keys() and len(chief) > 10
+    for name in chief:
+        np.testing.assert_allclose(chief[name], other[name], rtol=0, atol=1e-6, err_msg=name)
+    assert read(tmp_path / "run" / "summary.json")["steps"] == 6
+
+
+def test_tpu_without_tpu_is_a_clear_error():
+    from keras_vit.training import get_strategy
+
+    for tpu in ("local", None):  # a TPU VM's own chips; no name at all
+        with pytest.raises(RuntimeError, match="No TPU found.*--tpu=local"):
+            get_strategy("tpu", tpu=tpu)
+
+
+def test_deit_distillation_trains_both_heads(tmp_path):
+    from keras_vit.training import TrainConfig, train
+
+    config = TrainConfig(model="deit_tiny_distilled_patch16_224",
+                         model_args=dict(patch_size=8, depth=1, embed_dim=32, num_heads=2),
+                         img_size=32, train_samples=64, val_samples=32, batch_size=16, epochs=1,
+                         teacher="vit_tiny_patch16_224", distillation="soft", jit_compile=False,
+                         model_dir=str(tmp_path / "run"))
+    summary = train(config)
+    assert summary["steps"] == 4 and "val_accuracy" in summary
+    model = keras.saving.load_model(str(tmp_path / "run" / "model.keras"))
+    assert len(model.outputs) == 1  # deployable: the two heads averaged
