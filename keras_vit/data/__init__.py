@@ -108,11 +108,11 @@ def _random_resized_crop(image, img_size, scale, method, seed):
 def make_pipeline(ds, *, training, img_size, batch_size, num_classes, mean=(0.485, 0.456, 0.406),
                   std=(0.229, 0.224, 0.225), interpolation="bicubic", crop_pct=0.875,
                   randaugment=False, mixup=0.0, cutmix=0.0, label_smoothing=0.0, seed=0,
-                  shuffle_buffer=2048, drop_remainder=None, repeat=False, min_crop_scale=0.35):
+                  shuffle_buffer=2048, drop_remainder=None, repeat=False, min_crop_scale=0.7):
     """Batched (images float32 NHWC normalised, labels).
 
-    Train: seeded shuffle, random-resized crop (area min_crop_scale..1; 0.35
-    keeps the shapes recognisable, use 0.08 for ImageNet-like data), flip,
+    Train: seeded shuffle, random-resized crop (area min_crop_scale..1; 0.7
+    keeps the shapes whole enough to tell apart, use 0.08 for ImageNet-like data), flip,
     optional RandAugment, then MixUp/CutMix on batches; labels become soft
     one-hot when mixup, cutmix or label smoothing is on. Eval: resize +
     centre crop, no randomness. The pipeline is deterministic for a seed, so

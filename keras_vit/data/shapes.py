@@ -84,12 +84,12 @@ def _background(rng, size):
     """A smooth colour gradient with a random stripe texture and pixel noise."""
     yy, xx = _pixel_grid(size)[2:]
     base = rng.uniform(0, 255, 3).astype(np.float32)
-    slope = rng.uniform(-60, 60, (2, 3)).astype(np.float32)
+    slope = rng.uniform(-30, 30, (2, 3)).astype(np.float32)
     freq, phase, theta = rng.uniform(2, 8), rng.uniform(0, 2 * np.pi), rng.uniform(0, np.pi)
     stripes = np.sin(np.float32(2 * np.pi * freq) * (xx * np.float32(np.cos(theta)) +
                                                        yy * np.float32(np.sin(theta))) +
-                     np.float32(phase)) * np.float32(rng.uniform(0, 25))
-    img = rng.standard_normal((size, size, 3), dtype=np.float32) * np.float32(8.0)
+                     np.float32(phase)) * np.float32(rng.uniform(0, 8))
+    img = rng.standard_normal((size, size, 3), dtype=np.float32) * np.float32(3.0)
     img += base
     img += (xx[..., None] * slope[0] + yy[..., None] * slope[1] + stripes[..., None])
     return img
@@ -132,7 +132,7 @@ def generate(num, img_size, seed=0, split="train", min_shapes=1, max_shapes=1, c
         boxes, cls_list, masks = [], [], []
         for j in range(k):
             cls = int(first[i]) if j == 0 else int(rng.choice(classes))
-            r = rng.uniform(0.22, 0.38) * size * scale
+            r = rng.uniform(0.28, 0.42) * size * scale
             cx, cy = rng.uniform(r + 1, size - r - 1, 2)
             mask = shape_mask(cls, size, cx, cy, r, rng.uniform(0, 2 * np.pi))
             if not mask.any():

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The README's main job: set up (once), train a small ViT on the embedded shapes dataset on
+# the CPU, export SavedModel + an int8 TFLite file to saved_models/, verify it, summarise.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e .
+exec .venv/bin/python apps/train.py --flagfile=configs/main_job.flags "$@"
