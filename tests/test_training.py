@@ -189,3 +189,17 @@ def test_deit_distillation_trains_both_heads(tmp_path):
     assert summary["steps"] == 4 and "val_accuracy" in summary
     model = keras.saving.load_model(str(tmp_path / "run" / "model.keras"))
     assert len(model.outputs) == 1  # deployable: the two heads averaged
+
+
+def test_main_job_at_reduced_size(tmp_path):
+    """The README's main job (configs/main_job.flags) end to end, with fewer images and one
+    epoch: trains, exports SavedModel and TFLite, verifies, prints the summary."""
+    run = str(tmp_path / "main")
+    proc = run_app("train.py", f"--flagfile={ROOT}/configs/main_job.flags", "--train_samples=256",
+                   "--val_samples=64", "--epochs=1", "--jit_compile=false", f"--model_dir={run}",
+                   f"--export_dir={run}/export", "--export_tflite=fp32")
+    assert "== summary ==" in proc.stdout and "validation accuracy" in proc.stdout
+    summary = read(f"{run}/summary.json")
+    assert summary["model"] == "vit_c_1gf" and summary["steps"] == 4
+    assert summary["tflite"]["relative_diff"] <= 1e-4
+    assert os.path.exists(f"{run}/export/saved_model/saved_model.pb")
