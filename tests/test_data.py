@@ -128,3 +128,12 @@ def test_train_pipeline_soft_labels_and_replay():
     replay = [np.asarray(b[0]) for b in plain().skip(4).take(2)]
     np.testing.assert_array_equal(batches[4], replay[0])  # what resume relies on
     np.testing.assert_array_equal(batches[5], replay[1])
+
+
+def test_randaugment_pipeline_runs_and_changes_images():
+    ds, _ = load_dataset("shapes", img_size=32, num_samples=32)
+    kw = dict(training=True, img_size=32, batch_size=8, num_classes=8, seed=0)
+    plain = np.asarray(next(iter(make_pipeline(ds, **kw)))[0])
+    augmented = np.asarray(next(iter(make_pipeline(ds, randaugment=True, **kw)))[0])
+    assert augmented.shape == (8, 32, 32, 3) and np.isfinite(augmented).all()
+    assert np.abs(augmented - plain).max() > 0.1

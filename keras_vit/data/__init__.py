@@ -140,6 +140,8 @@ def make_pipeline(ds, *, training, img_size, batch_size, num_classes, mean=(0.48
             image = _random_resized_crop(image, img_size, (min_crop_scale, 1.0), method, s)
             flip = tf.random.stateless_uniform([], tf.cast(s + 1, tf.int64)) < 0.5
             image = tf.where(flip, tf.image.flip_left_right(image), image)
+            # the crop's size is data-dependent: restore the static shape later layers need
+            image = tf.ensure_shape(image, (img_size, img_size, 3))
             return tf.clip_by_value(image, 0, 255), label
 
         ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
