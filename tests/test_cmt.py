@@ -113,11 +113,12 @@ def test_features_only_returns_stage_maps():
     assert tuple(headless(images(2, 64)).shape) == (2, 32)
 
 
-def test_features_only_leaves_only_the_classifier_unused():
+def test_features_only_loads_the_full_checkpoint_strictly():
+    """The final 1x1 conv, its BatchNorm and the head (_fc, _bn, head) are the cut-off tail
+    of a features_only model: a full checkpoint loads strictly, nothing left over."""
     model = build_from_fixture(CMT_FIXTURES["cmt_small_64_features"])
-    missing, unexpected = load_timm_weights(model, _state_dict(), strict=False)
-    assert missing == []
-    assert sorted({k.split(".")[0] for k in unexpected}) == ["_bn", "_fc"]  # head.* is skipped by core
+    missing, unexpected = load_timm_weights(model, _state_dict(), strict=True)
+    assert missing == [] and unexpected == []
 
 
 def test_missing_relative_position_is_listed():

@@ -115,14 +115,13 @@ def test_features_only_returns_stride_16_token_maps():
 
 
 def test_features_only_loads_a_full_checkpoint():
-    """Every backbone weight loads; only the class-attention part and head are left over."""
+    """Every backbone weight loads strictly; the class-attention part and the head are the
+    cut-off tail of a features_only model."""
     entry = FIXTURES["xcit_p16_64_features"]
     model = build_from_fixture(entry)
     missing, unexpected = load_timm_weights(
-        model, load_checkpoint(fixture_path(entry["weights"])), strict=False)
-    assert missing == []
-    assert unexpected and all(k == "cls_token" or k.startswith("cls_attn_blocks.")
-                              for k in unexpected)
+        model, load_checkpoint(fixture_path(entry["weights"])), strict=True)
+    assert missing == [] and unexpected == []
 
 
 def test_headless_model_returns_pooled_features():
