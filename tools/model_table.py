@@ -22,16 +22,20 @@ from keras_vit.models.common import count_macs, count_parameters  # noqa: E402
 
 
 def main():
-    pattern = sys.argv[1] if len(sys.argv) > 1 else "*"
+    patterns = sys.argv[1:] or ["*"]
     print("| model | family | input | params (M) | GMACs |")
     print("|---|---|---|---|---|")
-    for name in keras_vit.list_models(pattern):
+    for name in sorted({n for p in patterns for n in keras_vit.list_models(p)}):
         if name.startswith("transformer"):
             continue
         cfg = keras_vit.get_model_config(name)
         model = keras_vit.create_model(name)
+        try:
+            macs = f"{count_macs(model) / 1e9:.2f}"
+        except ValueError:  # a frozen graph over protobuf's 2 GB limit (ViT-H)
+            macs = "n/a (graph > 2 GB)"
         print(f"| `{name}` | {cfg['family']} | {cfg['input_size']} | "
-              f"{count_parameters(model) / 1e6:.2f} | {count_macs(model) / 1e9:.2f} |", flush=True)
+              f"{count_parameters(model) / 1e6:.2f} | {macs} |", flush=True)
         del model
         keras.backend.clear_session()
 
