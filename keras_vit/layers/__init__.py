@@ -1,8 +1,8 @@
 """Building blocks shared by every family: keras.ops only, each registered and serializable."""
 
 from keras_vit.layers.attention import MultiHeadAttention
-from keras_vit.layers.blocks import TransformerBlock, TransformerDecoderBlock
-from keras_vit.layers.common import activation, dense, layer_norm
+from keras_vit.layers.blocks import ResidualBlock, TransformerBlock, TransformerDecoderBlock
+from keras_vit.layers.common import activation, batch_norm, dense, layer_norm
 from keras_vit.layers.embedding import (
     PatchEmbed,
     PositionEmbedding,
@@ -20,7 +20,7 @@ from keras_vit.layers.spatial_reduction import SpatialReductionAttention
 
 __all__ = [
     "DropPath", "LayerScale", "Mlp", "MultiHeadAttention", "PatchEmbed", "PositionEmbedding",
-    "PrefixTokens", "SinusoidalPositionEmbedding", "SpatialReductionAttention", "TokenPool", "TokensToMap", "TransformerBlock", "TransformerDecoderBlock",
-    "activation", "dense", "layer_norm", "resample_position_embedding", "resize_grid",
+    "PrefixTokens", "ResidualBlock", "SinusoidalPositionEmbedding", "SpatialReductionAttention", "TokenPool", "TokensToMap", "TransformerBlock", "TransformerDecoderBlock",
+    "activation", "batch_norm", "dense", "layer_norm", "resample_position_embedding", "resize_grid",
     "sinusoid_table", "sinusoid_table_2d",
 ]

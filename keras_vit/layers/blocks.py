@@ -28,58 +28,108 @@ def _apply(layer, x):
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
-class TransformerBlock(keras.layers.Layer):
-    """Encoder block: multi-head self-attention and MLP, each in a residual branch.
+class ResidualBlock(keras.layers.Layer):
+    """The skeleton every transformer block shares (timm's ``Block``; MetaFormer):
 
-    Sublayer names follow timm's ``Block`` (norm1, attn, ls1, norm2, mlp, ls2)
-    so timm checkpoints map by name.
+    Pre-LN:  x = x + drop_path(ls1(mixer(norm1(x)))); x = x + drop_path(ls2(mlp(norm2(x))))
+    Post-LN: x = norm1(x + drop_path(mixer(x)));      x = norm2(x + drop_path(mlp(x)))
+
+    The token mixer (attention of any kind) and the MLP are layers handed in; a
+    family's block says only which. Sublayer names are timm's (``norm1``, the
+    mixer's own name, usually ``attn``, ``ls1``, ``norm2``, ``mlp``, ``ls2``;
+    ``norm_names`` / ``scale_names`` rename them where a reference names them
+    otherwise), so checkpoints map by name. Extra positional and keyword
+    arguments of ``call`` go to the mixer (masks, biases, relative positions).
+    Families subclass it, building their mixer and MLP in ``__init__`` and
+    keeping their own ``get_config``; used directly, the mixer and MLP are
+    serialised with the block.
     """
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop=0.0, attn_drop=0.0,
-                 drop_path=0.0, init_values=None, norm_first=True, norm_eps=1e-6, act="gelu",
+    def __init__(self, mixer, mlp, norm_eps=1e-6, norm_first=True, init_values=None,
+                 drop_path=0.0, norm_names=("norm1", "norm2"), scale_names=("ls1", "ls2"),
                  **kwargs):
         super().__init__(**kwargs)
-        self.dim, self.num_heads, self.mlp_ratio = int(dim), int(num_heads), float(mlp_ratio)
-        self.qkv_bias, self.drop, self.attn_drop = bool(qkv_bias), float(drop), float(attn_drop)
-        self.drop_path_rate, self.init_values = float(drop_path), init_values
-        self.norm_first, self.norm_eps, self.act = bool(norm_first), float(norm_eps), act
-        self.norm1 = layer_norm(norm_eps, name="norm1")
-        self.attn = MultiHeadAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
-                                       proj_drop=drop, name="attn")
-        self.ls1 = _scale(init_values, "ls1")
-        self.norm2 = layer_norm(norm_eps, name="norm2")
-        self.mlp = Mlp(int(dim * mlp_ratio), act=act, drop=drop, name="mlp")
-        self.ls2 = _scale(init_values, "ls2")
+        if isinstance(mixer, dict):
+            mixer = keras.saving.deserialize_keras_object(mixer)
+        if isinstance(mlp, dict):
+            mlp = keras.saving.deserialize_keras_object(mlp)
+        self.norm_eps, self.norm_first = float(norm_eps), bool(norm_first)
+        self.init_values, self.drop_path_rate = init_values, float(drop_path)
+        self.norm_names, self.scale_names = tuple(norm_names), tuple(scale_names)
+        self.norm1 = layer_norm(norm_eps, name=self.norm_names[0])
+        self.attn = mixer
+        self.ls1 = _scale(init_values, self.scale_names[0])
+        self.norm2 = layer_norm(norm_eps, name=self.norm_names[1])
+        self.mlp = mlp
+        self.ls2 = _scale(init_values, self.scale_names[1])
         self.drop_path = DropPath(drop_path, name="drop_path")
 
-    def build(self, x_shape):
-        for layer in (self.norm1, self.attn, self.norm2, self.mlp, self.ls1, self.ls2):
+    def build(self, x_shape, *mixer_shapes):
+        for layer in (self.norm1, self.norm2, self.mlp, self.ls1, self.ls2):
             if layer is not None:
                 layer.build(x_shape)
+        self.attn.build(x_shape, *mixer_shapes)
 
-    def call(self, x, attention_mask=None, bias=None, training=None):
-        def attn(h):
-            return _apply(self.ls1, self.attn(h, attention_mask=attention_mask, bias=bias,
-                                              training=training))
+    def mix(self, x, *args, training=None, **kwargs):
+        """The first residual branch's function, before LayerScale: the mixer."""
+        return self.attn(x, *args, training=training, **kwargs)
+
+    def call(self, x, *args, training=None, **kwargs):
+        def mixer(h):
+            return _apply(self.ls1, self.mix(h, *args, training=training, **kwargs))
 
         def mlp(h):
             return _apply(self.ls2, self.mlp(h, training=training))
 
         if self.norm_first:
-            x = x + self.drop_path(attn(self.norm1(x)), training=training)
+            x = x + self.drop_path(mixer(self.norm1(x)), training=training)
             return x + self.drop_path(mlp(self.norm2(x)), training=training)
-        x = self.norm1(x + self.drop_path(attn(x), training=training))
+        x = self.norm1(x + self.drop_path(mixer(x), training=training))
         return self.norm2(x + self.drop_path(mlp(x), training=training))
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape, *args, **kwargs):
         return input_shape
 
+    def block_config(self):
+        """The skeleton's own arguments, for subclasses' ``get_config``."""
+        return {**super().get_config(), "norm_eps": self.norm_eps,
+                "norm_first": self.norm_first, "init_values": self.init_values,
+                "drop_path": self.drop_path_rate, "norm_names": self.norm_names,
+                "scale_names": self.scale_names}
+
     def get_config(self):
-        return {**super().get_config(), "dim": self.dim, "num_heads": self.num_heads,
+        return {**self.block_config(),
+                "mixer": keras.saving.serialize_keras_object(self.attn),
+                "mlp": keras.saving.serialize_keras_object(self.mlp)}
+
+
+@keras.saving.register_keras_serializable(package="keras_vit")
+class TransformerBlock(ResidualBlock):
+    """Encoder block: multi-head self-attention and MLP, each in a residual branch.
+
+    ``call(x, attention_mask=None, bias=None)``; names as timm's ``Block``.
+    """
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop=0.0, attn_drop=0.0,
+                 drop_path=0.0, init_values=None, norm_first=True, norm_eps=1e-6, act="gelu",
+                 **kwargs):
+        super().__init__(
+            MultiHeadAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                               proj_drop=drop, name="attn"),
+            Mlp(int(dim * mlp_ratio), act=act, drop=drop, name="mlp"),
+            norm_eps=norm_eps, norm_first=norm_first, init_values=init_values,
+            drop_path=drop_path, **kwargs)
+        self.dim, self.num_heads, self.mlp_ratio = int(dim), int(num_heads), float(mlp_ratio)
+        self.qkv_bias, self.drop, self.attn_drop = bool(qkv_bias), float(drop), float(attn_drop)
+        self.act = act
+
+    def get_config(self):
+        config = self.block_config()
+        for key in ("norm_names", "scale_names"):
+            config.pop(key)
+        return {**config, "dim": self.dim, "num_heads": self.num_heads,
                 "mlp_ratio": self.mlp_ratio, "qkv_bias": self.qkv_bias, "drop": self.drop,
-                "attn_drop": self.attn_drop, "drop_path": self.drop_path_rate,
-                "init_values": self.init_values, "norm_first": self.norm_first,
-                "norm_eps": self.norm_eps, "act": self.act}
+                "attn_drop": self.attn_drop, "act": self.act}
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")

@@ -21,6 +21,11 @@ def layer_norm(eps=1e-6, name=None):
     return keras.layers.LayerNormalization(epsilon=eps, name=name)
 
 
+def batch_norm(name=None, eps=1e-5):
+    """torch's BatchNorm2d(eps=1e-5, momentum=0.1): Keras counts the momentum the other way."""
+    return keras.layers.BatchNormalization(epsilon=eps, momentum=0.9, name=name)
+
+
 def gelu_exact(x):
     return keras.activations.gelu(x, approximate=False)
 

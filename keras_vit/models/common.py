@@ -21,21 +21,34 @@ def check_in_chans(in_chans):
     return in_chans
 
 
-def resolve_out_indices(out_indices, depth):
-    """timm's convention: an int n means the last n blocks; negative indices count from the end."""
+def resolve_out_indices(out_indices, depth, default=3, what="blocks"):
+    """The one ``features_only`` / ``out_indices`` convention of every family (timm's):
+    None -> ``default`` (an int n or a tuple; ``"all"`` for every block/stage), an int n ->
+    the last n, a sequence -> those indices, negative ones counting from the end. Returns a
+    sorted-as-given tuple of non-negative indices; a ValueError names the valid range."""
     if out_indices is None:
-        out_indices = 3
+        out_indices = tuple(range(depth)) if default == "all" else default
     if isinstance(out_indices, int):
         if not 1 <= out_indices <= depth:
-            raise ValueError(f"out_indices={out_indices} asks for the last {out_indices} of {depth} blocks")
+            raise ValueError(f"out_indices={out_indices} asks for the last {out_indices} of "
+                             f"{depth} {what}; use 1 ... {depth}")
         return tuple(range(depth - out_indices, depth))
     resolved = []
     for i in out_indices:
         j = i + depth if i < 0 else i
         if not 0 <= j < depth:
-            raise ValueError(f"out index {i} is out of range for {depth} blocks")
+            raise ValueError(f"out index {i} is out of range for {depth} {what} "
+                             f"(valid: {-depth} ... {depth - 1})")
         resolved.append(j)
     return tuple(resolved)
+
+
+def per_stage(value, n, what):
+    """A per-stage tuple from one value or a sequence of n; a ValueError otherwise."""
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+    if len(values) != n:
+        raise ValueError(f"{what} needs one value per stage ({n}), got {value!r}")
+    return values
 
 
 def drop_path_rates(drop_path_rate, depth):
