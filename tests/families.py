@@ -1,0 +1,91 @@
+"""The smallest fast configuration of every model family, for tests that cover them all.
+
+``SMALLEST`` maps a case to a registered model name and the builder kwargs that shrink
+it (depth, width, image size) so that it builds in about a second; the configurations
+are those the family's own tests use. A case is named after its registry family
+(``get_model_config(name)["family"]``), except where one family file holds two
+architectures: ``pvt_v2`` is PVT v2 in the ``pvt`` family.
+
+A new family registered without an entry here fails ``test_every_family_has_a_smallest_config``
+(tests/test_jax_backend.py): ``missing_families()`` lists it.
+"""
+
+import numpy as np
+
+import keras_vit
+
+_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+# 64 px: every stage's spatially reduced keys are more than one token.
+_PVT = dict(img_size=64, embed_dims=(8, 16, 24, 32), num_heads=(1, 2, 2, 4),
+            mlp_ratios=(2, 2, 2, 2), depths=(1, 1, 1, 1), num_classes=5)
+
+SMALLEST = {
+    "vit": ("vit_tiny_patch16_224", _VIT),
+    # Distilled: the distillation token and the averaged two-head output.
+    "deit": ("deit_tiny_distilled_patch16_224", _VIT),
+    "vit_conv_stem": ("vit_c_1gf", dict(img_size=32, stem_chs=(8, 16, 16, 32),
+                                        stem_strides=(2, 2, 1, 2), embed_dim=32, depth=2,
+                                        num_heads=2, mlp_ratio=3.0, num_classes=5)),
+    # Two blocks per stage: the second one's shifted windows and attention mask.
+    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, embed_dim=24, depths=(2, 2),
+                                                  num_heads=(1, 2), window_size=4,
+                                                  num_classes=5)),
+    "pvt": ("pvt_tiny", _PVT),
+    "pvt_v2": ("pvt_v2_b0", _PVT),
+    # SVT: locally grouped (padded 3x3 windows at 64 px) and global sub-sampled attention.
+    "twins": ("twins_svt_small", dict(img_size=64, patch_size=4, embed_dims=(8, 16, 16, 24),
+                                      num_heads=(1, 2, 2, 3), mlp_ratios=(2, 2, 2, 2),
+                                      depths=(2, 1, 2, 1), sr_ratios=(8, 4, 2, 1),
+                                      wss=(3, 3, 3, 3), num_classes=5)),
+    "pit": ("pit_ti_224", dict(img_size=32, patch_size=8, stride=4, base_dims=(8, 8, 8),
+                               depth=(1, 1, 1), heads=(2, 4, 8), mlp_ratio=2, num_classes=5)),
+    "tnt": ("tnt_s_patch16_224", dict(img_size=32, patch_size=16, embed_dim=16, inner_dim=8,
+                                      depth=1, num_heads_inner=2, num_heads_outer=2,
+                                      mlp_ratio=2, num_classes=5)),
+    "xcit": ("xcit_nano_12_p16_224", dict(img_size=32, patch_size=16, embed_dim=32, depth=2,
+                                          num_heads=4, num_classes=5)),
+    # Performer tokens-to-token (t2t_vit_7); the transformer variant is plain attention.
+    "t2t_vit": ("t2t_vit_7", dict(img_size=32, embed_dim=32, depth=2, num_heads=2,
+                                  mlp_ratio=3.0, token_dim=8, num_classes=5)),
+    # DeepViT-S's CNN embedding, transform_scale and re-attention in the last two blocks.
+    "deepvit": ("deepvit_s", dict(img_size=32, patch_size=8, embed_dim=24, depth=3,
+                                  num_heads=3, mlp_ratio=3.0, qkv_bias=True, reatten_blocks=2,
+                                  num_classes=5)),
+    "cmt": ("cmt_ti", dict(img_size=64, embed_dims=(8, 16, 16, 24), stem_channel=8,
+                           num_heads=(1, 2, 2, 4), mlp_ratios=(2.0,) * 4, depths=(1, 1, 1, 1),
+                           fc_dim=32, num_classes=5)),
+    # botnet26t's tiered stem, bottlenecks and self-attention blocks, one stride-2.
+    "botnet": ("botnet26t_256", dict(img_size=64, stem="tiered", stem_chs=16, num_classes=5,
+                                     stages=((("bottle",), 32, 1, 0.25),
+                                             (("bottle",), 64, 2, 0.25),
+                                             (("bottle", "self_attn"), 96, 2, 0.25),
+                                             (("self_attn", "self_attn"), 128, 2, 0.25)))),
+}
+
+
+def family_of(case):
+    """The registry family of a case's model."""
+    return keras_vit.get_model_config(SMALLEST[case][0])["family"]
+
+
+def registered_families():
+    return sorted({keras_vit.get_model_config(n)["family"] for n in keras_vit.list_models()})
+
+
+def missing_families():
+    """Registered families with no case in SMALLEST."""
+    covered = {family_of(case) for case in SMALLEST}
+    return [f for f in registered_families() if f not in covered]
+
+
+def build_smallest(case, **overrides):
+    """The smallest model of a case (a family name, or ``pvt_v2``); kwargs override the table."""
+    name, kwargs = SMALLEST[case]
+    return keras_vit.create_model(name, **{**kwargs, **overrides})
+
+
+def smallest_input(case, batch=2, seed=0):
+    """A deterministic float32 batch (NHWC) of the size the case's model takes."""
+    img_size = SMALLEST[case][1]["img_size"]
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    return np.random.default_rng(seed).standard_normal((batch, h, w, 3)).astype(np.float32)
