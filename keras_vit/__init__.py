@@ -4,7 +4,13 @@ __version__ = "0.1.0"
 
 from keras_vit import layers  # noqa: E402
 from keras_vit.convert import load_checkpoint, load_timm_weights  # noqa: E402
-from keras_vit.registry import create_model, get_model_config, list_models, register_model  # noqa: E402
+from keras_vit.registry import (  # noqa: E402
+    create_model,
+    get_model_config,
+    list_models,
+    list_pretrained,
+    register_model,
+)
 
-__all__ = ["create_model", "get_model_config", "layers", "list_models", "load_checkpoint",
-           "load_timm_weights", "register_model"]
+__all__ = ["create_model", "get_model_config", "layers", "list_models", "list_pretrained",
+           "load_checkpoint", "load_timm_weights", "register_model"]

@@ -1,7 +1,14 @@
-"""Model registry with timm-compatible names: register_model, list_models, create_model."""
+"""Model registry with timm-compatible names: register_model, list_models, create_model.
+
+A name may carry timm's pretrained tag (``"vit_small_patch16_224.augreg_in1k"``):
+the model is then built with that checkpoint's head and input size, and
+``pretrained=True`` loads its weights from the Hugging Face Hub (``pretrained.py``).
+"""
 
 import difflib
 import fnmatch
+
+from keras_vit.pretrained import download, pretrained_names, resolve_tag, split_tag, tag_config
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,11 +54,24 @@ def list_models(pattern="*"):
     return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
 
 
+def list_pretrained(pattern="*"):
+    """Sorted ``"model.tag"`` names with hub weights matching an fnmatch pattern (``"vit_small*"``)."""
+    return pretrained_names(list_models(), pattern)
+
+
 def get_model_config(name):
-    """The default config (input size, mean, std, interpolation, crop, family) of a model."""
+    """The default config (input size, mean, std, interpolation, crop, family) of a model.
+
+    A tagged name gets its checkpoint's num_classes, input size and preprocessing
+    (timm's pretrained config), plus ``pretrained_tag`` and ``hf_hub_id``.
+    """
     _import_families()
-    _check_name(name)
-    return dict(_MODELS[name][1])
+    model, tag = split_tag(name)
+    _check_name(model)
+    cfg = dict(_MODELS[model][1])
+    if tag is not None:
+        cfg.update(tag_config(resolve_tag(model, tag, cfg["family"])))
+    return cfg
 
 
 def _check_name(name):
@@ -63,16 +83,28 @@ def _check_name(name):
 
 
 def create_model(name, pretrained=None, **kwargs):
-    """Builds a registered model; ``pretrained`` is a path to a timm/PyTorch/JAX checkpoint.
+    """Builds a registered model, optionally with pretrained weights.
 
-    Keyword arguments (num_classes, img_size, in_chans, drop_path_rate,
-    features_only, out_indices, ...) override the variant's defaults; None
-    leaves the default.
+    ``name`` may carry a timm pretrained tag (``"vit_small_patch16_224.augreg_in21k"``):
+    the model gets that checkpoint's num_classes and input size. ``pretrained``
+    is True (timm's weights of the tag, or of timm's default tag, from the
+    Hugging Face Hub) or a path to a timm/PyTorch/JAX checkpoint; either loads
+    strictly. Keyword arguments (num_classes, img_size, in_chans,
+    drop_path_rate, features_only, out_indices, ...) override the variant's
+    and the tag's defaults; None leaves the default.
     """
     _import_families()
-    _check_name(name)
-    fn, _ = _MODELS[name]
+    model_name, tag = split_tag(name)
+    _check_name(model_name)
+    fn, cfg = _MODELS[model_name]
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if tag is not None or pretrained is True:
+        checkpoint_cfg = tag_config(resolve_tag(model_name, tag, cfg["family"]))
+        # Fetched before building, so that a missing file fails fast.
+        if pretrained is True:
+            pretrained = download(checkpoint_cfg["hf_hub_id"])
+        kwargs = {"num_classes": checkpoint_cfg["num_classes"],
+                  "img_size": checkpoint_cfg["input_size"], **kwargs}
     model = fn(**kwargs)
     if pretrained:
         from keras_vit.convert import load_checkpoint, load_timm_weights
