@@ -22,10 +22,10 @@ import keras
 from keras import ops
 
 from keras_vit.layers import (
-    DropPath,
     Mlp,
     PatchEmbed,
     PrefixTokens,
+    ResidualBlock,
     SpatialReductionAttention,
     TokenPool,
     TokensToMap,
@@ -37,6 +37,7 @@ from keras_vit.models.common import (
     check_img_size,
     check_in_chans,
     drop_path_rates,
+    per_stage,
     resolve_out_indices,
 )
 from keras_vit.registry import IMAGENET_MEAN, IMAGENET_STD, register_variant
@@ -129,7 +130,7 @@ class MlpWithDepthwiseConv(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
-class PvtBlock(keras.layers.Layer):
+class PvtBlock(ResidualBlock):
     """x + SRA(LN(x)), then x + FFN(LN(x)) on the (B, prefix + gh*gw, C) tokens of one stage.
 
     Sublayers norm1, attn (q, kv, sr, norm, proj), norm2, mlp as in both
@@ -141,61 +142,39 @@ class PvtBlock(keras.layers.Layer):
     def __init__(self, dim, num_heads, grid_size, mlp_ratio=4.0, sr_ratio=1, linear=False,
                  dwconv=False, qkv_bias=True, drop=0.0, attn_drop=0.0, drop_path=0.0,
                  norm_eps=1e-6, **kwargs):
-        super().__init__(**kwargs)
-        self.dim, self.num_heads = int(dim), int(num_heads)
-        self.grid_size = tuple(int(g) for g in grid_size)
+        grid_size = tuple(int(g) for g in grid_size)
+        hidden = int(dim * mlp_ratio)
+        attn = SpatialReductionAttention(dim, num_heads, grid_size=grid_size, sr_ratio=sr_ratio,
+                                         linear=linear, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                                         proj_drop=drop, name="attn")
+        if dwconv:
+            mlp = MlpWithDepthwiseConv(hidden, grid_size, extra_relu=linear, drop=drop, name="mlp")
+        else:
+            mlp = Mlp(hidden, drop=drop, name="mlp")
+        super().__init__(attn, mlp, norm_eps=norm_eps, drop_path=drop_path, **kwargs)
+        self.dim, self.num_heads, self.grid_size = int(dim), int(num_heads), grid_size
         self.mlp_ratio, self.sr_ratio = float(mlp_ratio), int(sr_ratio)
         self.linear, self.dwconv, self.qkv_bias = bool(linear), bool(dwconv), bool(qkv_bias)
         self.drop, self.attn_drop = float(drop), float(attn_drop)
-        self.drop_path_rate, self.norm_eps = float(drop_path), float(norm_eps)
-        hidden = int(dim * mlp_ratio)
-        self.norm1 = layer_norm(norm_eps, name="norm1")
-        self.attn = SpatialReductionAttention(dim, num_heads, grid_size=self.grid_size,
-                                              sr_ratio=sr_ratio, linear=linear,
-                                              qkv_bias=qkv_bias, attn_drop=attn_drop,
-                                              proj_drop=drop, name="attn")
-        self.norm2 = layer_norm(norm_eps, name="norm2")
-        if self.dwconv:
-            self.mlp = MlpWithDepthwiseConv(hidden, self.grid_size, extra_relu=linear, drop=drop,
-                                            name="mlp")
-        else:
-            self.mlp = Mlp(hidden, drop=drop, name="mlp")
-        self.drop_path = DropPath(drop_path, name="drop_path")
-
-    def build(self, x_shape):
-        for layer in (self.norm1, self.attn, self.norm2, self.mlp):
-            layer.build(x_shape)
-
-    def call(self, x, training=None):
-        x = x + self.drop_path(self.attn(self.norm1(x), training=training), training=training)
-        return x + self.drop_path(self.mlp(self.norm2(x), training=training), training=training)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
 
     def get_config(self):
-        return {**super().get_config(), "dim": self.dim, "num_heads": self.num_heads,
+        return {**self.block_config(), "dim": self.dim, "num_heads": self.num_heads,
                 "grid_size": self.grid_size, "mlp_ratio": self.mlp_ratio,
                 "sr_ratio": self.sr_ratio, "linear": self.linear, "dwconv": self.dwconv,
-                "qkv_bias": self.qkv_bias, "drop": self.drop, "attn_drop": self.attn_drop,
-                "drop_path": self.drop_path_rate, "norm_eps": self.norm_eps}
+                "qkv_bias": self.qkv_bias, "drop": self.drop, "attn_drop": self.attn_drop}
 
 
-def _per_stage(value, n, what):
-    value = tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
-    if len(value) != n:
-        raise ValueError(f"{what} needs one value per stage ({n}), got {value}")
-    return value
-
-
-def _check_pyramid(img_size, in_chans, first_stride, embed_dims, num_heads, mlp_ratios,
-                   sr_ratios, depths):
-    """Validates a four-stage pyramid's arguments; returns (h, w), the stage grids, per-stage tuples."""
+def check_pyramid(img_size, in_chans, first_stride, embed_dims, num_heads, mlp_ratios,
+                  sr_ratios, depths, global_pool="avg"):
+    """Validates a four-stage pyramid's arguments (PVT, Twins); returns (h, w), the stage
+    grids and the per-stage tuples of embed_dims, num_heads, mlp_ratios, sr_ratios."""
+    if global_pool not in ("", "avg"):
+        raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
     n = len(depths)
-    embed_dims = _per_stage(embed_dims, n, "embed_dims")
-    num_heads = _per_stage(num_heads, n, "num_heads")
-    mlp_ratios = _per_stage(mlp_ratios, n, "mlp_ratios")
-    sr_ratios = _per_stage(sr_ratios, n, "sr_ratios")
+    embed_dims, num_heads, mlp_ratios, sr_ratios = (
+        per_stage(value, n, what) for value, what in (
+            (embed_dims, "embed_dims"), (num_heads, "num_heads"), (mlp_ratios, "mlp_ratios"),
+            (sr_ratios, "sr_ratios")))
     for d, hd in zip(embed_dims, num_heads):
         if d % hd:
             raise ValueError(f"embed dim {d} must be divisible by num_heads {hd}")
@@ -209,6 +188,45 @@ def _check_pyramid(img_size, in_chans, first_stride, embed_dims, num_heads, mlp_
             raise ValueError(f"img_size {img_size} gives a {gh}x{gw} stage grid, smaller than "
                              f"its sr_ratio {sr}; use at least {stride * sr} px")
     return (h, w), grids, embed_dims, num_heads, mlp_ratios, sr_ratios
+
+
+def pyramid_stages(size, in_chans, depths, drop_path_rate, features_only, out_indices):
+    """What a pyramid builder loops over: its input, the stages it builds (up to the last
+    one features_only returns), the ``out_indices`` (default all stages; () when
+    classifying) and an iterator over the blocks' drop-path rates."""
+    n = len(depths)
+    indices = resolve_out_indices(out_indices, n, default="all", what="stages") \
+        if features_only else ()
+    inputs = keras.Input(tuple(size) + (in_chans,), name="images")
+    stages = range(max(indices) + 1 if features_only else n)
+    return inputs, stages, indices, iter(drop_path_rates(drop_path_rate, sum(depths)))
+
+
+def embed_stage(x, k, patch_size, dim, name):
+    """PVT v1's (and Twins') patch embedding of stage k: a conv with kernel = stride
+    (patch_size, then 2), then a LayerNorm with torch's default eps 1e-5."""
+    return PatchEmbed(patch_size if k == 0 else 2, dim, norm=True, norm_eps=1e-5, name=name)(x)
+
+
+def stage_map(x, k, grids, indices, features, name):
+    """Stage k's tokens as the (B, h, w, C) map the next stage embeds, kept in ``features``
+    when k is one of the ``indices``; a classifier's last stage stays tokens."""
+    if k < len(grids) - 1 or k in indices:
+        x = TokensToMap(grids[k], name=name)(x)
+        if k in indices:
+            features.append(x)
+    return x
+
+
+def pooled_head(inputs, x, global_pool, num_classes, drop_rate, name):
+    """The pyramids' classifier on the last stage's normalised (B, N, C) tokens: average
+    (``global_pool="avg"``), dropout, linear head; ``num_classes=0``: no head."""
+    if global_pool == "avg":
+        x = TokenPool("avg", num_prefix_tokens=0, name="pool")(x)
+    if not num_classes:
+        return keras.Model(inputs, x, name=name)
+    x = keras.layers.Dropout(drop_rate, name="head_drop")(x)
+    return keras.Model(inputs, dense(num_classes, name="head")(x), name=name)
 
 
 def pyramid_vision_transformer(*, img_size=224, in_chans=3, num_classes=1000, patch_size=4,
@@ -228,7 +246,7 @@ def pyramid_vision_transformer(*, img_size=224, in_chans=3, num_classes=1000, pa
     is the official detection backbone (``detection/pvt.py``), whose last stage
     has no [CLS] token and adds ``pos_embed4[:, 1:]``.
     """
-    (h, w), grids, embed_dims, num_heads, mlp_ratios, sr_ratios = _check_pyramid(
+    size, grids, embed_dims, num_heads, mlp_ratios, sr_ratios = check_pyramid(
         img_size, in_chans, patch_size, embed_dims, num_heads, mlp_ratios, sr_ratios, depths)
     if not class_token and not features_only:
         raise ValueError("PVT v1 classifies its [CLS] token: class_token=False needs "
@@ -237,17 +255,11 @@ def pyramid_vision_transformer(*, img_size=224, in_chans=3, num_classes=1000, pa
     if class_token and sr_ratios[-1] != 1:
         raise ValueError(f"the last stage holds the [CLS] token, so its sr_ratio must be 1, "
                          f"got {sr_ratios[-1]}")
-    indices = resolve_out_indices(out_indices if out_indices is not None else n, n) \
-        if features_only else ()
-    last = max(indices) if features_only else n - 1
-
-    inputs = keras.Input((h, w, in_chans), name="images")
+    inputs, stages, indices, dpr = pyramid_stages(size, in_chans, depths, drop_path_rate,
+                                                  features_only, out_indices)
     x, features = inputs, []
-    dpr = iter(drop_path_rates(drop_path_rate, sum(depths)))
-    for k in range(last + 1):
-        # Official PatchEmbed: conv (kernel = stride), LayerNorm with torch's default eps 1e-5.
-        x = PatchEmbed(patch_size if k == 0 else 2, embed_dims[k], norm=True, norm_eps=1e-5,
-                       name=f"patch_embed{k + 1}")(x)
+    for k in stages:
+        x = embed_stage(x, k, patch_size, embed_dims[k], name=f"patch_embed{k + 1}")
         prefix = int(k == n - 1)
         if prefix and class_token:
             x = PrefixTokens(("cls_token",), stddev=0.02, name="cls_token")(x)
@@ -290,19 +302,12 @@ def pyramid_vision_transformer_v2(*, img_size=224, in_chans=3, num_classes=1000,
     tokens. features_only: the normalised stage outputs of ``out_indices``
     (default all) as (B, H/s, W/s, C) maps, s = 4, 8, 16, 32, as timm's.
     """
-    (h, w), grids, embed_dims, num_heads, mlp_ratios, sr_ratios = _check_pyramid(
-        img_size, in_chans, 4, embed_dims, num_heads, mlp_ratios, sr_ratios, depths)
-    if global_pool not in ("", "avg"):
-        raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-    n = len(depths)
-    indices = resolve_out_indices(out_indices if out_indices is not None else n, n) \
-        if features_only else ()
-    last = max(indices) if features_only else n - 1
-
-    inputs = keras.Input((h, w, in_chans), name="images")
+    size, grids, embed_dims, num_heads, mlp_ratios, sr_ratios = check_pyramid(
+        img_size, in_chans, 4, embed_dims, num_heads, mlp_ratios, sr_ratios, depths, global_pool)
+    inputs, stages, indices, dpr = pyramid_stages(size, in_chans, depths, drop_path_rate,
+                                                  features_only, out_indices)
     x, features = inputs, []
-    dpr = iter(drop_path_rates(drop_path_rate, sum(depths)))
-    for k in range(last + 1):
+    for k in stages:
         # timm's OverlapPatchEmbed: padding = kernel // 2, LayerNorm with torch's eps 1e-5.
         embed = dict(patch_size=7, stride=4, padding=3) if k == 0 else \
             dict(patch_size=3, stride=2, padding=1)
@@ -314,19 +319,11 @@ def pyramid_vision_transformer_v2(*, img_size=224, in_chans=3, num_classes=1000,
                          drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=next(dpr),
                          name=f"stages.{k}.blocks.{i}")(x)
         x = layer_norm(1e-6, name=f"stages.{k}.norm")(x)
-        if k < n - 1 or k in indices:
-            x = TokensToMap(grids[k], name=f"stages.{k}.map")(x)
-            if k in indices:
-                features.append(x)
+        x = stage_map(x, k, grids, indices, features, name=f"stages.{k}.map")
     if features_only:
         return keras.Model(inputs, features, name=name)
 
-    if global_pool == "avg":
-        x = TokenPool("avg", num_prefix_tokens=0, name="pool")(x)
-    if not num_classes:
-        return keras.Model(inputs, x, name=name)
-    x = keras.layers.Dropout(drop_rate, name="head_drop")(x)
-    return keras.Model(inputs, dense(num_classes, name="head")(x), name=name)
+    return pooled_head(inputs, x, global_pool, num_classes, drop_rate, name)
 
 
 _CFG = dict(input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.9,

@@ -18,22 +18,20 @@ import keras
 from keras import ops
 
 from keras_vit.layers import (
-    DropPath,
     Mlp,
     MultiHeadAttention,
-    PatchEmbed,
+    ResidualBlock,
     SpatialReductionAttention,
-    TokenPool,
-    TokensToMap,
-    dense,
     layer_norm,
 )
 from keras_vit.layers.attention import merge_heads
-from keras_vit.models.common import (
-    check_img_size,
-    check_in_chans,
-    drop_path_rates,
-    resolve_out_indices,
+from keras_vit.models.common import per_stage
+from keras_vit.models.pvt import (
+    check_pyramid,
+    embed_stage,
+    pooled_head,
+    pyramid_stages,
+    stage_map,
 )
 from keras_vit.registry import IMAGENET_MEAN, IMAGENET_STD, register_variant
 
@@ -120,7 +118,7 @@ class PosConv(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
-class TwinsBlock(keras.layers.Layer):
+class TwinsBlock(ResidualBlock):
     """Pre-LN block whose attention is LSA (``window_size`` > 1) or GSA (timm twins ``Block``).
 
     GSA is ``SpatialReductionAttention``: timm's GlobalSubSampleAttn has its
@@ -130,50 +128,25 @@ class TwinsBlock(keras.layers.Layer):
 
     def __init__(self, dim, num_heads, grid_size, mlp_ratio=4.0, sr_ratio=1, window_size=1,
                  proj_drop=0.0, attn_drop=0.0, drop_path=0.0, norm_eps=1e-6, **kwargs):
-        super().__init__(**kwargs)
-        self.dim, self.num_heads, self.mlp_ratio = int(dim), int(num_heads), float(mlp_ratio)
-        self.grid_size = tuple(int(g) for g in grid_size)
-        self.sr_ratio = int(sr_ratio)
-        self.window_size = int(window_size or 1)
-        self.proj_drop, self.attn_drop = float(proj_drop), float(attn_drop)
-        self.drop_path_rate, self.norm_eps = float(drop_path), float(norm_eps)
-        self.norm1 = layer_norm(norm_eps, name="norm1")
-        common = dict(grid_size=self.grid_size, qkv_bias=True, attn_drop=attn_drop,
+        grid_size, window_size = tuple(int(g) for g in grid_size), int(window_size or 1)
+        common = dict(grid_size=grid_size, qkv_bias=True, attn_drop=attn_drop,
                       proj_drop=proj_drop, name="attn")
-        if self.window_size > 1:
-            self.attn = LocallyGroupedAttention(dim, num_heads, window_size=self.window_size,
-                                                **common)
+        if window_size > 1:
+            attn = LocallyGroupedAttention(dim, num_heads, window_size=window_size, **common)
         else:
-            self.attn = SpatialReductionAttention(dim, num_heads, sr_ratio=self.sr_ratio,
-                                                  norm_eps=1e-5, **common)
-        self.norm2 = layer_norm(norm_eps, name="norm2")
-        self.mlp = Mlp(int(dim * mlp_ratio), drop=proj_drop, name="mlp")
-        self.drop_path = DropPath(drop_path, name="drop_path")
-
-    def build(self, x_shape):
-        for layer in (self.norm1, self.attn, self.norm2, self.mlp):
-            layer.build(x_shape)
-
-    def call(self, x, training=None):
-        x = x + self.drop_path(self.attn(self.norm1(x), training=training), training=training)
-        return x + self.drop_path(self.mlp(self.norm2(x), training=training), training=training)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
+            attn = SpatialReductionAttention(dim, num_heads, sr_ratio=sr_ratio, norm_eps=1e-5,
+                                             **common)
+        super().__init__(attn, Mlp(int(dim * mlp_ratio), drop=proj_drop, name="mlp"),
+                         norm_eps=norm_eps, drop_path=drop_path, **kwargs)
+        self.dim, self.num_heads, self.mlp_ratio = int(dim), int(num_heads), float(mlp_ratio)
+        self.grid_size, self.sr_ratio, self.window_size = grid_size, int(sr_ratio), window_size
+        self.proj_drop, self.attn_drop = float(proj_drop), float(attn_drop)
 
     def get_config(self):
-        return {**super().get_config(), "dim": self.dim, "num_heads": self.num_heads,
+        return {**self.block_config(), "dim": self.dim, "num_heads": self.num_heads,
                 "grid_size": self.grid_size, "mlp_ratio": self.mlp_ratio,
                 "sr_ratio": self.sr_ratio, "window_size": self.window_size,
-                "proj_drop": self.proj_drop, "attn_drop": self.attn_drop,
-                "drop_path": self.drop_path_rate, "norm_eps": self.norm_eps}
-
-
-def _per_stage(value, n, what):
-    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
-    if len(values) != n:
-        raise ValueError(f"{what} needs one value per stage ({n}), got {value!r}")
-    return values
+                "proj_drop": self.proj_drop, "attn_drop": self.attn_drop}
 
 
 def twins(*, img_size=224, patch_size=4, in_chans=3, num_classes=1000, global_pool="avg",
@@ -190,37 +163,15 @@ def twins(*, img_size=224, patch_size=4, in_chans=3, num_classes=1000, global_po
     outputs of ``out_indices`` (default all) as (B, H/s, W/s, C) maps, s = 4, 8,
     16, 32; the last one before the final norm, as timm's forward_intermediates.
     """
-    n = len(depths)
-    embed_dims = _per_stage(embed_dims, n, "embed_dims")
-    num_heads = _per_stage(num_heads, n, "num_heads")
-    mlp_ratios = _per_stage(mlp_ratios, n, "mlp_ratios")
-    sr_ratios = _per_stage(sr_ratios, n, "sr_ratios")
-    wss = _per_stage(wss, n, "wss") if wss is not None else None
-    for d, hd in zip(embed_dims, num_heads):
-        if d % hd:
-            raise ValueError(f"embed dim {d} must be divisible by num_heads {hd}")
-    if global_pool not in ("", "avg"):
-        raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-    stride = patch_size * 2 ** (n - 1)
-    h, w = check_img_size(img_size, stride, what=f"the network stride (patch {patch_size} "
-                                                 f"x 2^{n - 1} =)")
-    check_in_chans(in_chans)
-    grids = [(h // (patch_size * 2 ** k), w // (patch_size * 2 ** k)) for k in range(n)]
-    for (gh, gw), sr in zip(grids, sr_ratios):
-        if min(gh, gw) < sr:
-            raise ValueError(f"img_size {img_size} gives a {gh}x{gw} stage grid, smaller than "
-                             f"its sr_ratio {sr}; use at least {stride * sr} px")
-    indices = resolve_out_indices(out_indices if out_indices is not None else n, n) \
-        if features_only else ()
-    last = max(indices) if features_only else n - 1
-
-    inputs = keras.Input((h, w, in_chans), name="images")
+    size, grids, embed_dims, num_heads, mlp_ratios, sr_ratios = check_pyramid(
+        img_size, in_chans, patch_size, embed_dims, num_heads, mlp_ratios, sr_ratios, depths,
+        global_pool)
+    wss = per_stage(wss, len(depths), "wss") if wss is not None else None
+    inputs, stages, indices, dpr = pyramid_stages(size, in_chans, depths, drop_path_rate,
+                                                  features_only, out_indices)
     x, features = inputs, []
-    dpr = iter(drop_path_rates(drop_path_rate, sum(depths)))
-    for k in range(last + 1):
-        # Twins' PatchEmbed: conv (kernel = stride) then LayerNorm, torch's default eps 1e-5.
-        x = PatchEmbed(patch_size if k == 0 else 2, embed_dims[k], norm=True, norm_eps=1e-5,
-                       name=f"patch_embeds.{k}")(x)
+    for k in stages:
+        x = embed_stage(x, k, patch_size, embed_dims[k], name=f"patch_embeds.{k}")
         x = keras.layers.Dropout(pos_drop_rate, name=f"pos_drops.{k}")(x)
         for i in range(depths[k]):
             ws = 1 if wss is None or i % 2 == 1 else wss[k]
@@ -230,21 +181,12 @@ def twins(*, img_size=224, patch_size=4, in_chans=3, num_classes=1000, global_po
                            name=f"blocks.{k}.{i}")(x)
             if i == 0:
                 x = PosConv(embed_dims[k], grids[k], name=f"pos_block.{k}")(x)
-        if k < n - 1 or k in indices:
-            fmap = TokensToMap(grids[k], name=f"stages.{k}.map")(x)
-            if k in indices:
-                features.append(fmap)
-            x = fmap
+        x = stage_map(x, k, grids, indices, features, name=f"stages.{k}.map")
     if features_only:
         return keras.Model(inputs, features, name=name)
 
     x = layer_norm(1e-6, name="norm")(x)
-    if global_pool == "avg":
-        x = TokenPool("avg", num_prefix_tokens=0, name="pool")(x)
-    if not num_classes:
-        return keras.Model(inputs, x, name=name)
-    x = keras.layers.Dropout(drop_rate, name="head_drop")(x)
-    return keras.Model(inputs, dense(num_classes, name="head")(x), name=name)
+    return pooled_head(inputs, x, global_pool, num_classes, drop_rate, name)
 
 
 def _twins(name, **defaults):
