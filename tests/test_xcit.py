@@ -52,7 +52,8 @@ def test_every_registered_xcit_has_a_timm_count_and_cfg():
     assert sorted(COUNTS) == keras_vit.list_models("xcit*")
     for name in COUNTS:
         cfg = keras_vit.get_model_config(name)
-        assert (cfg["input_size"], cfg["crop_pct"], cfg["interpolation"]) == (224, 1.0, "bicubic")
+        assert (cfg["input_size"], cfg["crop_pct"], cfg["interpolation"]) == (
+            int(name[-3:]), 1.0, "bicubic")
         assert (tuple(cfg["mean"]), tuple(cfg["std"])) == (IMAGENET_MEAN, IMAGENET_STD)
 
 

@@ -9,6 +9,9 @@ GELU, BatchNorm, depthwise conv) and an MLP, all with LayerScale, then class-att
 blocks on a prepended [CLS] token, a final LayerNorm and a linear head. The attention
 cost is linear in the number of tokens, and any image size that the patch size divides
 works with the same weights (the positional encoding has no learned grid).
+
+Complete against timm 1.0.31: all 28 ``xcit_*`` variants (nano/tiny/small-12,
+tiny/small/medium/large-24, patch 16 and 8, 224 and 384 px).
 """
 
 import math
@@ -18,25 +21,20 @@ import numpy as np
 from keras import ops
 
 from keras_vit.layers import (
-    DropPath,
     Mlp,
+    MultiHeadAttention,
     PrefixTokens,
+    ResidualBlock,
     TokenPool,
     TokensToMap,
     activation,
+    batch_norm,
     dense,
     layer_norm,
 )
+from keras_vit.layers.attention import merge_heads, split_heads
 from keras_vit.models.common import check_img_size, check_in_chans, resolve_out_indices
 from keras_vit.registry import IMAGENET_MEAN, IMAGENET_STD, register_variant
-
-# torch BatchNorm2d defaults (eps 1e-5, momentum 0.1 = Keras momentum 0.9).
-BN_EPS, BN_MOMENTUM = 1e-5, 0.9
-
-
-def batch_norm(name):
-    return keras.layers.BatchNormalization(epsilon=BN_EPS, momentum=BN_MOMENTUM, name=name)
-
 
 def l2_normalize(x, axis=-1, eps=1e-12):
     """torch.nn.functional.normalize: x / max(||x||, eps), as rsqrt(max(sum x^2, eps^2))
@@ -142,31 +140,21 @@ class PositionalEncodingFourier(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
-class XCA(keras.layers.Layer):
+class XCA(MultiHeadAttention):
     """Cross-covariance attention: per head, softmax(temperature * q_hat^T k_hat) mixes the
     d channels of v, where q_hat, k_hat are q, k L2-normalised over the tokens; the
-    attention map is d x d, so the cost is linear in the number of tokens."""
+    attention map is d x d, so the cost is linear in the number of tokens. Multi-head
+    attention's fused ``qkv``, ``proj`` and dropouts; a learned per-head ``temperature``
+    in place of its fixed scale."""
 
-    def __init__(self, dim, num_heads=8, qkv_bias=False, attn_drop=0.0, proj_drop=0.0, **kwargs):
-        super().__init__(**kwargs)
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
-        self.dim, self.num_heads, self.qkv_bias = int(dim), int(num_heads), bool(qkv_bias)
-        self.attn_drop, self.proj_drop = float(attn_drop), float(proj_drop)
-        self.qkv = dense(3 * self.dim, use_bias=qkv_bias, name="qkv")
-        self.attn_dropout = keras.layers.Dropout(self.attn_drop)
-        self.proj = dense(self.dim, name="proj")
-        self.proj_dropout = keras.layers.Dropout(self.proj_drop)
-
-    def build(self, input_shape):
+    def build(self, x_shape, context_shape=None):
+        super().build(x_shape)
         # timm's shape (heads, 1, 1), so the checkpoint tensor loads as is.
         self.temperature = self.add_weight(name="temperature", shape=(self.num_heads, 1, 1),
                                            initializer="ones")
-        self.qkv.build(input_shape)
-        self.proj.build(input_shape)
 
     def call(self, x, training=None):
-        n, c, h = x.shape[1], self.dim, self.num_heads
+        n, c, h = x.shape[1], self.inner_dim, self.num_heads
         qkv = self.qkv(x)
 
         def heads(t):  # (B, N, C) -> (B, heads, d, N): tokens last, as timm
@@ -180,13 +168,45 @@ class XCA(keras.layers.Layer):
         out = self.proj(ops.reshape(out, (-1, n, c)))
         return self.proj_dropout(out, training=training)
 
+
+@keras.saving.register_keras_serializable(package="keras_vit")
+class ClassAttention(keras.layers.Layer):
+    """CaiT's class attention (timm ``ClassAttn``): only the [CLS] token queries; keys and
+    values come from all tokens. Separate ``q``, ``k``, ``v`` projections as timm's (so not
+    multi-head attention's fused ``qkv``)."""
+
+    def __init__(self, dim, num_heads=8, qkv_bias=False, attn_drop=0.0, proj_drop=0.0, **kwargs):
+        super().__init__(**kwargs)
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        self.dim, self.num_heads, self.qkv_bias = int(dim), int(num_heads), bool(qkv_bias)
+        self.attn_drop, self.proj_drop = float(attn_drop), float(proj_drop)
+        self.scale = (self.dim // self.num_heads) ** -0.5
+        self.q = dense(self.dim, use_bias=qkv_bias, name="q")
+        self.k = dense(self.dim, use_bias=qkv_bias, name="k")
+        self.v = dense(self.dim, use_bias=qkv_bias, name="v")
+        self.proj = dense(self.dim, name="proj")
+        self.attn_dropout = keras.layers.Dropout(self.attn_drop)
+        self.proj_dropout = keras.layers.Dropout(self.proj_drop)
+
+    def build(self, input_shape):
+        for layer in (self.q, self.k, self.v, self.proj):
+            layer.build(input_shape)
+
+    def call(self, x, training=None):
+        """(B, N, D) -> the new [CLS] token, (B, 1, D)."""
+        q = split_heads(self.q(x[:, :1]), self.num_heads) * ops.cast(self.scale, x.dtype)
+        k, v = split_heads(self.k(x), self.num_heads), split_heads(self.v(x), self.num_heads)
+        attn = ops.softmax(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))), axis=-1)
+        attn = self.attn_dropout(attn, training=training)
+        return self.proj_dropout(self.proj(merge_heads(ops.matmul(attn, v))), training=training)
+
     def compute_output_shape(self, input_shape):
-        return input_shape
+        return (input_shape[0], 1, self.dim)
 
     def get_config(self):
         return {**super().get_config(), "dim": self.dim, "num_heads": self.num_heads,
-                "qkv_bias": self.qkv_bias, "attn_drop": self.attn_drop,
-                "proj_drop": self.proj_drop}
+                "qkv_bias": self.qkv_bias, "attn_drop": self.attn_drop, "proj_drop": self.proj_drop}
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
@@ -223,157 +243,108 @@ class LPI(keras.layers.Layer):
                 "kernel_size": self.kernel_size, "act": self.act}
 
 
-def _gamma(layer, name, dim, eta):
-    """timm's LayerScale parameters of XCiT blocks (``gamma1``...), initialised to eta."""
-    return layer.add_weight(name=name, shape=(dim,), initializer=keras.initializers.Constant(eta))
+class _XCiTBlock(ResidualBlock):
+    """The skeleton's norm1 / attn / norm2 / mlp with XCiT's mixer, and timm's XCiT LayerScale:
+    weights of the block itself (``gamma1``, ``gamma2``, ... initialised to ``eta``), so that
+    checkpoints' ``blocks.N.gamma1`` load by name. Subclasses name the mixer and the branches."""
+
+    MIXER = None
+    GAMMAS = ("gamma1", "gamma2")
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, proj_drop=0.0,
+                 attn_drop=0.0, drop_path=0.0, eta=1.0, norm_eps=1e-6, act="gelu", **kwargs):
+        for key in ("init_values", "norm_names", "scale_names"):  # fixed here; in saved configs
+            kwargs.pop(key, None)
+        super().__init__(
+            self.MIXER(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                       proj_drop=proj_drop, name="attn"),
+            Mlp(int(dim * mlp_ratio), act=act, drop=proj_drop, name="mlp"),
+            norm_eps=norm_eps, drop_path=drop_path, **kwargs)
+        self.dim, self.num_heads, self.mlp_ratio = int(dim), int(num_heads), float(mlp_ratio)
+        self.qkv_bias, self.proj_drop, self.attn_drop = bool(qkv_bias), float(proj_drop), float(attn_drop)
+        self.eta, self.act = float(eta), act
+
+    def build(self, x_shape):
+        super().build(x_shape)
+        for name in self.GAMMAS:
+            setattr(self, name, self.add_weight(name=name, shape=(self.dim,),
+                                                initializer=keras.initializers.Constant(self.eta)))
+
+    def residual(self, x, branch, gamma, training=None):
+        """x + drop_path(gamma * branch): one LayerScaled residual branch."""
+        return x + self.drop_path(gamma * branch, training=training)
+
+    def get_config(self):
+        config = self.block_config()
+        for key in ("init_values", "norm_names", "scale_names"):
+            config.pop(key)
+        return {**config, "dim": self.dim, "num_heads": self.num_heads,
+                "mlp_ratio": self.mlp_ratio, "qkv_bias": self.qkv_bias,
+                "proj_drop": self.proj_drop, "attn_drop": self.attn_drop, "eta": self.eta,
+                "act": self.act}
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
-class XCABlock(keras.layers.Layer):
+class XCABlock(_XCiTBlock):
     """x + g1 * XCA(norm1(x)), then + g3 * LPI(norm3(x)), then + g2 * MLP(norm2(x)), each
-    branch with stochastic depth (timm ``XCABlock``; the 1-3-2 order is timm's)."""
+    branch with stochastic depth (timm ``XCABlock``; the 1-3-2 order is timm's): the
+    skeleton with a third branch, LPI, between its two."""
 
-    def __init__(self, dim, num_heads, grid_size, mlp_ratio=4.0, qkv_bias=False, proj_drop=0.0,
-                 attn_drop=0.0, drop_path=0.0, eta=1.0, norm_eps=1e-6, act="gelu", **kwargs):
-        super().__init__(**kwargs)
-        self.dim, self.num_heads = int(dim), int(num_heads)
+    MIXER = XCA
+    GAMMAS = ("gamma1", "gamma3", "gamma2")
+
+    def __init__(self, dim, num_heads, grid_size, mlp_ratio=4.0, act="gelu", norm_eps=1e-6,
+                 **kwargs):
+        super().__init__(dim, num_heads, mlp_ratio, act=act, norm_eps=norm_eps, **kwargs)
         self.grid_size = tuple(int(g) for g in grid_size)
-        self.mlp_ratio, self.qkv_bias = float(mlp_ratio), bool(qkv_bias)
-        self.proj_drop, self.attn_drop = float(proj_drop), float(attn_drop)
-        self.drop_path_rate, self.eta = float(drop_path), float(eta)
-        self.norm_eps, self.act = float(norm_eps), act
-        self.norm1 = layer_norm(norm_eps, name="norm1")
-        self.attn = XCA(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
-                        proj_drop=proj_drop, name="attn")
         self.norm3 = layer_norm(norm_eps, name="norm3")
         self.local_mp = LPI(self.grid_size, act=act, name="local_mp")
-        self.norm2 = layer_norm(norm_eps, name="norm2")
-        self.mlp = Mlp(int(dim * mlp_ratio), act=act, drop=proj_drop, name="mlp")
-        self.drop_path = DropPath(drop_path, name="drop_path")
 
-    def build(self, input_shape):
-        self.gamma1 = _gamma(self, "gamma1", self.dim, self.eta)
-        self.gamma3 = _gamma(self, "gamma3", self.dim, self.eta)
-        self.gamma2 = _gamma(self, "gamma2", self.dim, self.eta)
-        for layer in (self.norm1, self.attn, self.norm3, self.local_mp, self.norm2, self.mlp):
-            layer.build(input_shape)
+    def build(self, x_shape):
+        super().build(x_shape)
+        self.norm3.build(x_shape)
+        self.local_mp.build(x_shape)
 
     def call(self, x, training=None):
-        dp = self.drop_path
-        x = x + dp(self.gamma1 * self.attn(self.norm1(x), training=training), training=training)
-        x = x + dp(self.gamma3 * self.local_mp(self.norm3(x), training=training),
-                   training=training)
-        return x + dp(self.gamma2 * self.mlp(self.norm2(x), training=training), training=training)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
+        x = self.residual(x, self.mix(self.norm1(x), training=training), self.gamma1, training)
+        x = self.residual(x, self.local_mp(self.norm3(x), training=training), self.gamma3,
+                          training)
+        return self.residual(x, self.mlp(self.norm2(x), training=training), self.gamma2, training)
 
     def get_config(self):
-        return {**super().get_config(), "dim": self.dim, "num_heads": self.num_heads,
-                "grid_size": self.grid_size, "mlp_ratio": self.mlp_ratio,
-                "qkv_bias": self.qkv_bias, "proj_drop": self.proj_drop,
-                "attn_drop": self.attn_drop, "drop_path": self.drop_path_rate, "eta": self.eta,
-                "norm_eps": self.norm_eps, "act": self.act}
+        return {**super().get_config(), "grid_size": self.grid_size}
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
-class ClassAttention(keras.layers.Layer):
-    """CaiT's class attention (timm ``ClassAttn``): only the [CLS] token queries; keys and
-    values come from all tokens. Separate ``q``, ``k``, ``v`` projections as timm's."""
-
-    def __init__(self, dim, num_heads=8, qkv_bias=False, attn_drop=0.0, proj_drop=0.0, **kwargs):
-        super().__init__(**kwargs)
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
-        self.dim, self.num_heads, self.qkv_bias = int(dim), int(num_heads), bool(qkv_bias)
-        self.attn_drop, self.proj_drop = float(attn_drop), float(proj_drop)
-        self.scale = (self.dim // self.num_heads) ** -0.5
-        self.q = dense(self.dim, use_bias=qkv_bias, name="q")
-        self.k = dense(self.dim, use_bias=qkv_bias, name="k")
-        self.v = dense(self.dim, use_bias=qkv_bias, name="v")
-        self.attn_dropout = keras.layers.Dropout(self.attn_drop)
-        self.proj = dense(self.dim, name="proj")
-        self.proj_dropout = keras.layers.Dropout(self.proj_drop)
-
-    def build(self, input_shape):
-        for layer in (self.q, self.k, self.v, self.proj):
-            layer.build(input_shape)
-
-    def call(self, x, training=None):
-        """(B, N, D) -> the new [CLS] token, (B, 1, D)."""
-        n, c, h = x.shape[1], self.dim, self.num_heads
-
-        def heads(t, length):  # (B, L, C) -> (B, heads, L, d)
-            return ops.transpose(ops.reshape(t, (-1, length, h, c // h)), (0, 2, 1, 3))
-
-        q = heads(self.q(x[:, :1]), 1) * ops.cast(self.scale, x.dtype)
-        k, v = heads(self.k(x), n), heads(self.v(x), n)
-        attn = ops.softmax(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))), axis=-1)
-        attn = self.attn_dropout(attn, training=training)
-        out = ops.reshape(ops.transpose(ops.matmul(attn, v), (0, 2, 1, 3)), (-1, 1, c))
-        return self.proj_dropout(self.proj(out), training=training)
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], 1, self.dim)
-
-    def get_config(self):
-        return {**super().get_config(), "dim": self.dim, "num_heads": self.num_heads,
-                "qkv_bias": self.qkv_bias, "attn_drop": self.attn_drop,
-                "proj_drop": self.proj_drop}
-
-
-@keras.saving.register_keras_serializable(package="keras_vit")
-class ClassAttentionBlock(keras.layers.Layer):
+class ClassAttentionBlock(_XCiTBlock):
     """timm's XCiT ``ClassAttentionBlock``, reproduced exactly:
 
     x = x + g1 * [CA(norm1(x)), norm1(x)[1:]]   (patch tokens gain their own norm1)
     x = norm2(x) if tokens_norm else [norm2(x[0]), x[1:]]
     x = x + [g2 * MLP(x[0]), x[1:]]             (patch tokens are doubled, as timm's)
+
+    Own ``call``: not the skeleton's math (the norms and residuals above differ from it).
     """
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, proj_drop=0.0,
-                 attn_drop=0.0, drop_path=0.0, eta=1.0, tokens_norm=False, norm_eps=1e-6,
-                 act="gelu", **kwargs):
-        super().__init__(**kwargs)
-        self.dim, self.num_heads = int(dim), int(num_heads)
-        self.mlp_ratio, self.qkv_bias = float(mlp_ratio), bool(qkv_bias)
-        self.proj_drop, self.attn_drop = float(proj_drop), float(attn_drop)
-        self.drop_path_rate, self.eta = float(drop_path), float(eta)
-        self.tokens_norm, self.norm_eps, self.act = bool(tokens_norm), float(norm_eps), act
-        self.norm1 = layer_norm(norm_eps, name="norm1")
-        self.attn = ClassAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
-                                   proj_drop=proj_drop, name="attn")
-        self.norm2 = layer_norm(norm_eps, name="norm2")
-        self.mlp = Mlp(int(dim * mlp_ratio), act=act, drop=proj_drop, name="mlp")
-        self.drop_path = DropPath(drop_path, name="drop_path")
+    MIXER = ClassAttention
 
-    def build(self, input_shape):
-        self.gamma1 = _gamma(self, "gamma1", self.dim, self.eta)
-        self.gamma2 = _gamma(self, "gamma2", self.dim, self.eta)
-        for layer in (self.norm1, self.attn, self.norm2, self.mlp):
-            layer.build(input_shape)
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, tokens_norm=False, **kwargs):
+        super().__init__(dim, num_heads, mlp_ratio, **kwargs)
+        self.tokens_norm = bool(tokens_norm)
 
     def call(self, x, training=None):
-        dp = self.drop_path
         x_norm1 = self.norm1(x)
-        x_attn = ops.concatenate([self.attn(x_norm1, training=training), x_norm1[:, 1:]], axis=1)
-        x = x + dp(self.gamma1 * x_attn, training=training)
+        x_attn = ops.concatenate([self.mix(x_norm1, training=training), x_norm1[:, 1:]], axis=1)
+        x = self.residual(x, x_attn, self.gamma1, training)
         if self.tokens_norm:
             x = self.norm2(x)
         else:
             x = ops.concatenate([self.norm2(x[:, :1]), x[:, 1:]], axis=1)
         cls = self.gamma2 * self.mlp(x[:, :1], training=training)
-        return x + dp(ops.concatenate([cls, x[:, 1:]], axis=1), training=training)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
+        return x + self.drop_path(ops.concatenate([cls, x[:, 1:]], axis=1), training=training)
 
     def get_config(self):
-        return {**super().get_config(), "dim": self.dim, "num_heads": self.num_heads,
-                "mlp_ratio": self.mlp_ratio, "qkv_bias": self.qkv_bias,
-                "proj_drop": self.proj_drop, "attn_drop": self.attn_drop,
-                "drop_path": self.drop_path_rate, "eta": self.eta,
-                "tokens_norm": self.tokens_norm, "norm_eps": self.norm_eps, "act": self.act}
+        return {**super().get_config(), "tokens_norm": self.tokens_norm}
 
 
 def xcit(*, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
@@ -436,13 +407,19 @@ def _xcit(name, img_size=224, **defaults):
     return register_variant(name, xcit, __name__, cfg, img_size=img_size, **defaults)
 
 
-_xcit("xcit_nano_12_p16_224", patch_size=16, embed_dim=128, depth=12, num_heads=4, eta=1.0,
-      tokens_norm=False)
-_xcit("xcit_tiny_12_p16_224", patch_size=16, embed_dim=192, depth=12, num_heads=4, eta=1.0,
-      tokens_norm=True)
-_xcit("xcit_small_12_p16_224", patch_size=16, embed_dim=384, depth=12, num_heads=8, eta=1.0,
-      tokens_norm=True)
-_xcit("xcit_tiny_24_p16_224", patch_size=16, embed_dim=192, depth=24, num_heads=4, eta=1e-5,
-      tokens_norm=True)
-_xcit("xcit_small_24_p16_224", patch_size=16, embed_dim=384, depth=24, num_heads=8, eta=1e-5,
-      tokens_norm=True)
+# timm's XCiT variants: (size, depth) -> width, heads, LayerScale init, tokens_norm; each at
+# patch 16 and 8 and at 224 and 384 px (the same weights' shapes: no learned grid).
+_XCIT_SIZES = {
+    ("nano", 12): dict(embed_dim=128, num_heads=4, eta=1.0, tokens_norm=False),
+    ("tiny", 12): dict(embed_dim=192, num_heads=4, eta=1.0, tokens_norm=True),
+    ("small", 12): dict(embed_dim=384, num_heads=8, eta=1.0, tokens_norm=True),
+    ("tiny", 24): dict(embed_dim=192, num_heads=4, eta=1e-5, tokens_norm=True),
+    ("small", 24): dict(embed_dim=384, num_heads=8, eta=1e-5, tokens_norm=True),
+    ("medium", 24): dict(embed_dim=512, num_heads=8, eta=1e-5, tokens_norm=True),
+    ("large", 24): dict(embed_dim=768, num_heads=16, eta=1e-5, tokens_norm=True),
+}
+for (_size, _depth), _arch in _XCIT_SIZES.items():
+    for _patch in (16, 8):
+        for _img in (224, 384):
+            _xcit(f"xcit_{_size}_{_depth}_p{_patch}_{_img}", img_size=_img, patch_size=_patch,
+                  depth=_depth, **_arch)
