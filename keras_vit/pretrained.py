@@ -75,7 +75,7 @@ def tag_config(hub_cfg):
 
 
 def download(repo_id):
-    """The local path of ``model.safetensors`` of a hub repository, downloaded once into the cache."""
+    """The local path of a hub repository's ``model.safetensors``, downloaded once to the cache."""
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
@@ -83,8 +83,11 @@ def download(repo_id):
     try:
         return hf_hub_download(repo_id, filename, library_name="keras-vit")
     except (EntryNotFoundError, HfHubHTTPError) as e:
-        where = (f"it is not in the Hugging Face cache {constants.HF_HUB_CACHE} and HF_HUB_OFFLINE "
-                 f"is set" if constants.HF_HUB_OFFLINE else f"{type(e).__name__}: {str(e).rstrip('.')}")
+        if constants.HF_HUB_OFFLINE:
+            where = (f"it is not in the Hugging Face cache {constants.HF_HUB_CACHE} and "
+                     "HF_HUB_OFFLINE is set")
+        else:
+            where = f"{type(e).__name__}: {str(e).rstrip('.')}"
         raise FileNotFoundError(
             f"Cannot get {filename} of the Hugging Face Hub repository {repo_id}: {where}. "
             "Download it once with network access, or pass pretrained=PATH to a local "

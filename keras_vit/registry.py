@@ -55,7 +55,7 @@ def list_models(pattern="*"):
 
 
 def list_pretrained(pattern="*"):
-    """Sorted ``"model.tag"`` names with hub weights matching an fnmatch pattern (``"vit_small*"``)."""
+    """Sorted ``"model.tag"`` names with hub weights matching an fnmatch pattern (``"vit_s*"``)."""
     return pretrained_names(list_models(), pattern)
 
 
