@@ -17,10 +17,9 @@ import numpy as np
 from keras import ops
 
 from keras_vit.layers.attention import MultiHeadAttention, merge_heads
-from keras_vit.layers.common import layer_norm
+from keras_vit.layers.blocks import ResidualBlock
 from keras_vit.layers.embedding import to_2tuple
 from keras_vit.layers.mlp import Mlp
-from keras_vit.layers.regularization import DropPath
 
 # timm's (and the original Swin's) additive mask value between tokens of different regions.
 MASK_VALUE = -100.0
@@ -172,9 +171,10 @@ class WindowAttention(MultiHeadAttention):
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
-class SwinTransformerBlock(keras.layers.Layer):
-    """Swin block on a (B, H, W, C) map: x + W-MSA(LN(x)), then x + MLP(LN(x)) (timm's
-    ``SwinTransformerBlock``; sublayers norm1, attn, norm2, mlp as timm's).
+class SwinTransformerBlock(ResidualBlock):
+    """Swin block on a (B, H, W, C) map: the pre-norm skeleton x + W-MSA(LN(x)), then
+    x + MLP(LN(x)) (timm's ``SwinTransformerBlock``; sublayers norm1, attn, norm2, mlp),
+    whose mixer is window attention on the shifted, windowed map (``mix``).
 
     ``window_size`` and ``shift_size`` are the final ones: the caller clips the
     window to the resolution as timm does (``swin_window_and_shift``). As timm
@@ -187,25 +187,17 @@ class SwinTransformerBlock(keras.layers.Layer):
     def __init__(self, dim, num_heads, window_size=7, shift_size=0, mlp_ratio=4.0, qkv_bias=True,
                  drop=0.0, attn_drop=0.0, drop_path=0.0, norm_eps=1e-5, head_dim=None,
                  act="gelu", **kwargs):
-        super().__init__(**kwargs)
+        window_size = to_2tuple(window_size)
+        super().__init__(
+            WindowAttention(dim, num_heads, window_size, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                            proj_drop=drop, head_dim=head_dim, name="attn"),
+            Mlp(int(dim * mlp_ratio), act=act, drop=drop, name="mlp"),
+            norm_eps=norm_eps, drop_path=drop_path, **kwargs)
         self.dim, self.num_heads = int(dim), int(num_heads)
-        self.window_size, self.shift_size = to_2tuple(window_size), to_2tuple(shift_size)
+        self.window_size, self.shift_size = window_size, to_2tuple(shift_size)
         self.mlp_ratio, self.qkv_bias = float(mlp_ratio), bool(qkv_bias)
-        self.drop, self.attn_drop, self.drop_path_rate = float(drop), float(attn_drop), float(drop_path)
-        self.norm_eps, self.head_dim, self.act = float(norm_eps), head_dim, act
-        self.norm1 = layer_norm(norm_eps, name="norm1")
-        self.attn = WindowAttention(dim, num_heads, self.window_size, qkv_bias=qkv_bias,
-                                    attn_drop=attn_drop, proj_drop=drop, head_dim=head_dim,
-                                    name="attn")
-        self.norm2 = layer_norm(norm_eps, name="norm2")
-        self.mlp = Mlp(int(dim * mlp_ratio), act=act, drop=drop, name="mlp")
-        self.drop_path = DropPath(drop_path, name="drop_path")
-
-    def build(self, input_shape):
-        self.norm1.build(input_shape)
-        self.attn.build((None, self.window_size[0] * self.window_size[1], self.dim))
-        self.norm2.build(input_shape)
-        self.mlp.build(input_shape)
+        self.drop, self.attn_drop = float(drop), float(attn_drop)
+        self.head_dim, self.act = head_dim, act
 
     def attention_mask(self, height, width):
         """The numpy SW-MSA mask for an (H, W) map, or None (no shift)."""
@@ -213,8 +205,8 @@ class SwinTransformerBlock(keras.layers.Layer):
         return shifted_window_mask((padded_size(height, wh), padded_size(width, ww)),
                                    self.window_size, self.shift_size)
 
-    def _attention(self, x, training=None):
-        _, h, w, c = x.shape
+    def mix(self, x, training=None):
+        _, h, w, _ = x.shape
         if h is None or w is None:
             raise ValueError("SwinTransformerBlock needs a static spatial size")
         (wh, ww), (sh, sw) = self.window_size, self.shift_size
@@ -229,20 +221,11 @@ class SwinTransformerBlock(keras.layers.Layer):
             x = x[:, :h, :w, :]
         return cyclic_shift(x, (sh, sw))
 
-    def call(self, x, training=None):
-        x = x + self.drop_path(self._attention(self.norm1(x), training=training),
-                               training=training)
-        return x + self.drop_path(self.mlp(self.norm2(x), training=training), training=training)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
     def get_config(self):
-        return {**super().get_config(), "dim": self.dim, "num_heads": self.num_heads,
+        return {**self.block_config(), "dim": self.dim, "num_heads": self.num_heads,
                 "window_size": self.window_size, "shift_size": self.shift_size,
                 "mlp_ratio": self.mlp_ratio, "qkv_bias": self.qkv_bias, "drop": self.drop,
-                "attn_drop": self.attn_drop, "drop_path": self.drop_path_rate,
-                "norm_eps": self.norm_eps, "head_dim": self.head_dim, "act": self.act}
+                "attn_drop": self.attn_drop, "head_dim": self.head_dim, "act": self.act}
 
 
 def swin_window_and_shift(resolution, window_size, shifted, always_partition=False):

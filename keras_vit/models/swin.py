@@ -5,6 +5,10 @@ relative position bias, every second block on windows shifted by half a
 window), patch merging (2x2 neighbours -> linear 4C -> 2C) between stages,
 a final LayerNorm, global average pooling and a linear head. Names,
 hyperparameters and outputs match timm's ``swin_transformer.py`` (timm 1.0.31).
+
+Complete against timm 1.0.31: every ``swin_*`` variant, including the ``swin_s3_*``
+architectures (Chen et al. 2021, "Searching the Search Space of Vision Transformers"),
+which are Swin with a window per stage.
 """
 
 import keras
@@ -14,7 +18,13 @@ from keras_vit.layers import PatchEmbed, dense
 from keras_vit.layers.common import layer_norm
 from keras_vit.layers.window import SwinTransformerBlock, swin_window_and_shift
 from keras_vit.layers.embedding import to_2tuple
-from keras_vit.models.common import check_img_size, check_in_chans, drop_path_rates
+from keras_vit.models.common import (
+    check_img_size,
+    check_in_chans,
+    drop_path_rates,
+    per_stage,
+    resolve_out_indices,
+)
 from keras_vit.registry import IMAGENET_MEAN, IMAGENET_STD, register_variant
 
 NORM_EPS = 1e-5  # timm's Swin uses nn.LayerNorm's default
@@ -101,23 +111,10 @@ def swin_transformer(*, img_size=224, patch_size=4, in_chans=3, num_classes=1000
     windows = _stage_windows(window_size, num_stages)
     dims = ([int(embed_dim * 2 ** i) for i in range(num_stages)]
             if not isinstance(embed_dim, (tuple, list)) else [int(d) for d in embed_dim])
-    head_dims = head_dim if isinstance(head_dim, (tuple, list)) else (head_dim,) * num_stages
-    mlp_ratios = mlp_ratio if isinstance(mlp_ratio, (tuple, list)) else (mlp_ratio,) * num_stages
+    head_dims = per_stage(head_dim, num_stages, "head_dim")
+    mlp_ratios = per_stage(mlp_ratio, num_stages, "mlp_ratio")
     if features_only:
-        if out_indices is None:
-            out_indices = tuple(range(num_stages))
-        elif isinstance(out_indices, int):
-            if not 1 <= out_indices <= num_stages:
-                raise ValueError(f"out_indices={out_indices} asks for the last {out_indices} of "
-                                 f"{num_stages} stages")
-            out_indices = tuple(range(num_stages - out_indices, num_stages))
-        resolved = []
-        for i in out_indices:
-            j = i + num_stages if i < 0 else i
-            if not 0 <= j < num_stages:
-                raise ValueError(f"out index {i} is out of range for {num_stages} stages")
-            resolved.append(j)
-        out_indices = tuple(resolved)
+        out_indices = resolve_out_indices(out_indices, num_stages, default="all", what="stages")
     resolutions = stage_resolutions((h // patch_size, w // patch_size), num_stages)
     dpr = drop_path_rates(drop_path_rate, sum(depths))
 
@@ -181,3 +178,8 @@ _swin("swin_small_patch4_window7_224", **SMALL)
 _swin("swin_base_patch4_window7_224", **BASE)
 _swin("swin_base_patch4_window12_384", img_size=384, window_size=12, **BASE)
 _swin("swin_large_patch4_window7_224", **LARGE)
+_swin("swin_large_patch4_window12_384", img_size=384, window_size=12, **LARGE)
+_swin("swin_s3_tiny_224", window_size=(7, 7, 14, 7), **TINY)
+_swin("swin_s3_small_224", window_size=(14, 14, 14, 7), **SMALL)
+_swin("swin_s3_base_224", window_size=(7, 7, 14, 7), embed_dim=96, depths=(2, 2, 30, 2),
+      num_heads=(3, 6, 12, 24))
