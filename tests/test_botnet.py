@@ -29,13 +29,14 @@ def test_timm_parity(name):
     check_timm_parity("botnet", name, FIXTURES[name])
 
 
-def test_botnet26t_parameter_count_equals_timm():
+@pytest.mark.parametrize("name", sorted(load_param_counts("botnet")))
+def test_timm_variant_parameter_count_equals_timm(name):
     ref = load_param_counts("botnet")
-    assert sorted(ref) == ["botnet26t_256"]
-    model = keras_vit.create_model("botnet26t_256")
-    assert trainable_params(model) == ref["botnet26t_256"]["params"]  # 12,488,672
-    assert model.output_shape[-1] == ref["botnet26t_256"]["num_classes"]
-    cfg = keras_vit.get_model_config("botnet26t_256")
+    assert sorted(ref) == ["botnet26t_256", "botnet50ts_256"]
+    model = keras_vit.create_model(name)
+    assert trainable_params(model) == ref[name]["params"]  # 12,488,672 and 22,742,688
+    assert model.output_shape[-1] == ref[name]["num_classes"]
+    cfg = keras_vit.get_model_config(name)
     assert model.input_shape[1:3] == (cfg["input_size"],) * 2 == (256, 256)
     assert cfg["crop_pct"] == 0.95 and cfg["interpolation"] == "bicubic"
 

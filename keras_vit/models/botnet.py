@@ -7,7 +7,8 @@ attention does a block's stride 2.
 
 Two sets of variants share the blocks below:
 
-* ``botnet26t_256``: timm's port (``byoanet.py`` + ``layers/bottleneck_attn.py``),
+* ``botnet26t_256``, ``botnet50ts_256`` (SiLU): timm's ports (``byoanet.py`` +
+  ``layers/bottleneck_attn.py``), all of timm's ``botnet*`` variants,
   layer names as timm's state dict, so ``load_timm_weights`` loads timm
   checkpoints. As in timm, the relative position tables are sized for the
   feature map of the ``img_size`` given at build time (timm's
@@ -30,7 +31,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_vit.layers import DropPath, dense
+from keras_vit.layers import DropPath, batch_norm, dense
 from keras_vit.models.common import (
     check_img_size,
     check_in_chans,
@@ -189,11 +190,6 @@ class BottleneckAttention(keras.layers.Layer):
                 "scale_pos_embed": self.scale_pos_embed, "stride": self.stride}
 
 
-def _batch_norm(name):
-    # torch BatchNorm2d: eps 1e-5, momentum 0.1 (Keras counts momentum the other way).
-    return keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name=name)
-
-
 def _act(x, act, name):
     return keras.layers.Activation(act, name=name)(x) if act else x
 
@@ -205,15 +201,23 @@ def conv_norm_act(x, filters, kernel_size, stride, name, act="relu"):
         x = keras.layers.ZeroPadding2D(pad, name=f"{name}.pad")(x)
     x = keras.layers.Conv2D(filters, kernel_size, strides=stride, padding="valid",
                             use_bias=False, name=f"{name}.conv")(x)
-    x = _batch_norm(f"{name}.bn")(x)
+    x = batch_norm(f"{name}.bn")(x)
     return _act(x, act, f"{name}.act")
 
 
-def max_pool_3x3_s2(x, name):
-    """torch MaxPool2d(3, 2, padding=1). Its input here follows a ReLU (>= 0), so zero
-    padding equals torch's -inf padding."""
-    x = keras.layers.ZeroPadding2D(1, name=f"{name}.pad")(x)
-    return keras.layers.MaxPooling2D(3, 2, padding="valid", name=name)(x)
+@keras.saving.register_keras_serializable(package="keras_vit")
+class MaxPool3x3S2(keras.layers.Layer):
+    """torch's MaxPool2d(3, 2, padding=1): padding with -inf, never the maximum (zero padding
+    would equal it only after a ReLU; after SiLU, as in botnet50ts, inputs can be negative)."""
+
+    def call(self, x):
+        x = ops.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=float("-inf"))
+        return ops.max_pool(x, 3, 2, padding="valid")
+
+    def compute_output_shape(self, input_shape):
+        b, h, w, c = input_shape
+        half = lambda s: None if s is None else (s - 1) // 2 + 1  # noqa: E731
+        return (b, half(h), half(w), c)
 
 
 def squeeze_excite(x, rd_channels, name):
@@ -242,7 +246,7 @@ def bottleneck_block(x, out_chs, stride, name, kind="bottle", bottle_ratio=0.25,
     elif kind == "self_attn":
         y = BottleneckAttention(mid, feat_size, num_heads=num_heads, stride=stride,
                                 name=f"{name}.self_attn")(y)
-        y = _act(_batch_norm(f"{name}.post_attn")(y), act, f"{name}.post_attn_act")
+        y = _act(batch_norm(f"{name}.post_attn")(y), act, f"{name}.post_attn_act")
     else:
         raise ValueError(f"block kind must be 'bottle' or 'self_attn', got {kind!r}")
     y = conv_norm_act(y, out_chs, 1, 1, f"{name}.conv3_1x1", act=None)
@@ -281,7 +285,7 @@ def botnet(*, stages, stem="tiered", stem_chs=64, img_size=224, in_chans=3, num_
         x = conv_norm_act(x, stem_chs, 3, 1, "stem.conv3", act)
     else:
         x = conv_norm_act(inputs, stem_chs, 7, 2, "stem.conv1", act)
-    x = max_pool_3x3_s2(x, "stem.pool")
+    x = MaxPool3x3S2(name="stem.pool")(x)
     feat = (h // 4, w // 4)
 
     dpr = iter(drop_path_rates(drop_path_rate, sum(depths)))
@@ -320,6 +324,13 @@ def _stage(kinds, out_chs, stride, ratio=0.25):
 _botnet("botnet26t_256", 256, 0.95, stem="tiered", stages=(
     _stage(["bottle"] * 2, 256, 1), _stage(["bottle"] * 2, 512, 2),
     _stage(["bottle", "self_attn"], 1024, 2), _stage(["self_attn"] * 2, 2048, 2)))
+
+# timm's botnet50ts: ResNet-50-T layout with SiLU; self-attention in the last block of
+# stage 2 and in every second block of stages 3 and 4.
+_botnet("botnet50ts_256", 256, 0.95, stem="tiered", act="silu", stages=(
+    _stage(["bottle"] * 3, 256, 1), _stage(["bottle"] * 3 + ["self_attn"], 512, 2),
+    _stage(["bottle", "self_attn"] * 3, 1024, 2),
+    _stage(["bottle", "self_attn", "bottle"], 2048, 2)))
 
 # The paper's BoTNet-S1 classification models (no released weights; TPU ImageNet
 # preprocessing: 224 px, 0.875 center crop).
