@@ -20,6 +20,7 @@ import importlib
 import json
 import os
 import sys
+import types
 
 import numpy as np
 import torch
@@ -81,6 +82,50 @@ def write(out_dir, name, model, keras_builder, keras_kwargs, img_size, seed, wei
     return dict(builder=keras_builder, kwargs=keras_kwargs, weights=weights, **extra)
 
 
+class Intermediates(torch.nn.Module):
+    """timm's ``forward_intermediates`` as the forward: the block or stage maps of ``indices``
+    (every one when None), NCHW, the reference for features_only (write() stores them NHWC)."""
+
+    def __init__(self, model, indices=None):
+        super().__init__()
+        self.model, self.indices = model, indices
+
+    def forward(self, x):
+        return self.model.forward_intermediates(x, indices=self.indices, intermediates_only=True)
+
+
+def write_with_features(out_dir, name, model, keras_builder, keras_kwargs, img_size, seed,
+                        indices=None):
+    """Fixture ``name`` (input seed ``seed``) and its features_only twin ``<name>_features``
+    (the same weights; input seed ``seed + 1``): timm's maps of ``indices``, every one when
+    None. Returns both index entries."""
+    features_kwargs = dict(keras_kwargs, features_only=True)
+    if indices is not None:
+        features_kwargs["out_indices"] = list(indices)
+    return {name: write(out_dir, name, model, keras_builder, keras_kwargs, img_size, seed),
+            f"{name}_features": write(out_dir, f"{name}_features",
+                                      Intermediates(model, indices).eval(), keras_builder,
+                                      features_kwargs, img_size, seed + 1,
+                                      weights=f"{name}.safetensors")}
+
+
+def import_official(env_var, url, package, module):
+    """``models/<module>.py`` of an official repository's checkout, named by ``env_var``.
+
+    ``$env_var/models`` is imported as a package of its own, ``package``, without running
+    its ``__init__`` (which imports variants and dependencies the fixtures do not need) and
+    without putting the checkout on sys.path (repositories vendor old copies of timm).
+    """
+    repo = os.environ.get(env_var)
+    if not repo or not os.path.isdir(os.path.join(repo, "models")):
+        raise SystemExit(f"set {env_var} to a checkout of {url}")
+    if package not in sys.modules:
+        pkg = types.ModuleType(package)
+        pkg.__path__ = [os.path.join(repo, "models")]
+        sys.modules[package] = pkg
+    return importlib.import_module(f"{package}.{module}")
+
+
 def param_counts(patterns):
     """timm's parameter count and default num_classes of every registered keras_vit name
     matching ``patterns`` that timm has (built on the meta device: no memory)."""
@@ -110,6 +155,7 @@ def main():
         module = importlib.import_module(f"fixtures.{family}")
         out_dir = os.path.join(FIXTURES, family)
         os.makedirs(out_dir, exist_ok=True)
+        torch.manual_seed(0)  # each family's make() starts from the same torch RNG state
         index = module.make(out_dir)
         with open(os.path.join(out_dir, "fixtures.json"), "w") as f:
             json.dump(index, f, indent=1, sort_keys=True)
