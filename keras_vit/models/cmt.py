@@ -28,8 +28,9 @@ import math
 import keras
 from keras import ops
 
-from keras_vit.layers import DropPath, dense
-from keras_vit.models.common import check_img_size, check_in_chans, drop_path_rates
+from keras_vit.layers import ResidualBlock, batch_norm, dense, layer_norm
+from keras_vit.models.common import (check_img_size, check_in_chans, drop_path_rates,
+                                     resolve_out_indices)
 from keras_vit.registry import IMAGENET_MEAN, IMAGENET_STD, register_variant
 
 STAGES = "abcd"
@@ -45,11 +46,6 @@ def _conv(filters, kernel, strides=1, padding="valid", name=None):
 def _dwconv(kernel, strides=1, padding="same", name=None):
     return keras.layers.DepthwiseConv2D(kernel, strides=strides, padding=padding,
                                         depthwise_initializer=CONV_INIT, name=name)
-
-
-def _batch_norm(name):
-    # torch BatchNorm2d(eps=1e-5, momentum=0.1) == Keras momentum 0.9.
-    return keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name=name)
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
@@ -104,7 +100,7 @@ class CMTAttention(keras.layers.Layer):
         self.sr = self.sr_norm = None
         if self.sr_ratio > 1:
             self.sr = _dwconv(self.sr_ratio, strides=self.sr_ratio, padding="valid", name="sr.0")
-            self.sr_norm = _batch_norm("sr.1")
+            self.sr_norm = batch_norm("sr.1")
         self.attn_dropout = keras.layers.Dropout(self.attn_drop)
         self.proj = dense(self.dim, name="proj")
         self.proj_dropout = keras.layers.Dropout(self.proj_drop)
@@ -157,11 +153,11 @@ class InvertedResidualFFN(keras.layers.Layer):
         super().__init__(**kwargs)
         self.dim, self.hidden_dim, self.drop = int(dim), int(hidden_dim), float(drop)
         self.conv1 = _conv(self.hidden_dim, 1, name="conv1.0")
-        self.conv1_bn = _batch_norm("conv1.2")
+        self.conv1_bn = batch_norm("conv1.2")
         self.proj = _dwconv(3, name="proj")
-        self.proj_bn = _batch_norm("proj_bn")
+        self.proj_bn = batch_norm("proj_bn")
         self.conv2 = _conv(self.dim, 1, name="conv2.0")
-        self.conv2_bn = _batch_norm("conv2.1")
+        self.conv2_bn = batch_norm("conv2.1")
         self.dropout = keras.layers.Dropout(self.drop)
 
     def build(self, x_shape):
@@ -189,47 +185,36 @@ class InvertedResidualFFN(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
-class CMTBlock(keras.layers.Layer):
+class CMTBlock(ResidualBlock):
     """LPU (depthwise 3x3 ``proj`` + residual), then LMHSA and IRFFN in Pre-LN residual
-    branches, on a (B, H, W, C) map; ``call(x, relative_pos)``."""
+    branches, on a (B, H, W, C) map; ``call(x, relative_pos)``, relative_pos going to LMHSA."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, qk_ratio=1, sr_ratio=1,
                  drop=0.0, attn_drop=0.0, drop_path=0.0, norm_eps=1e-6, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(
+            CMTAttention(dim, num_heads, qkv_bias=qkv_bias, qk_ratio=qk_ratio, sr_ratio=sr_ratio,
+                         attn_drop=attn_drop, proj_drop=drop, name="attn"),
+            # int() as the official code: 46 * 3.6 -> 165 hidden channels.
+            InvertedResidualFFN(dim, int(dim * mlp_ratio), drop=drop, name="mlp"),
+            norm_eps=norm_eps, drop_path=drop_path, **kwargs)
         self.dim, self.num_heads, self.mlp_ratio = int(dim), int(num_heads), float(mlp_ratio)
         self.qkv_bias, self.qk_ratio, self.sr_ratio = bool(qkv_bias), int(qk_ratio), int(sr_ratio)
         self.drop, self.attn_drop = float(drop), float(attn_drop)
-        self.drop_path_rate, self.norm_eps = float(drop_path), float(norm_eps)
         self.proj = _dwconv(3, name="proj")
-        self.norm1 = keras.layers.LayerNormalization(epsilon=norm_eps, name="norm1")
-        self.attn = CMTAttention(dim, num_heads, qkv_bias=qkv_bias, qk_ratio=qk_ratio,
-                                 sr_ratio=sr_ratio, attn_drop=attn_drop, proj_drop=drop,
-                                 name="attn")
-        self.norm2 = keras.layers.LayerNormalization(epsilon=norm_eps, name="norm2")
-        # int() as the official code: 46 * 3.6 -> 165 hidden channels.
-        self.mlp = InvertedResidualFFN(dim, int(dim * mlp_ratio), drop=drop, name="mlp")
-        self.drop_path = DropPath(drop_path, name="drop_path")
 
     def build(self, x_shape, relative_pos_shape=None):
-        for layer in (self.proj, self.norm1, self.norm2, self.mlp):
-            layer.build(x_shape)
-        self.attn.build(x_shape, relative_pos_shape)
+        self.proj.build(x_shape)
+        super().build(x_shape, relative_pos_shape)
 
     def call(self, x, relative_pos, training=None):
-        x = self.proj(x) + x
-        x = x + self.drop_path(self.attn(self.norm1(x), relative_pos, training=training),
-                               training=training)
-        return x + self.drop_path(self.mlp(self.norm2(x), training=training), training=training)
-
-    def compute_output_shape(self, x_shape, relative_pos_shape=None):
-        return x_shape
+        # The LPU's residual comes before the skeleton's two branches.
+        return super().call(self.proj(x) + x, relative_pos, training=training)
 
     def get_config(self):
-        return {**super().get_config(), "dim": self.dim, "num_heads": self.num_heads,
+        return {**self.block_config(), "dim": self.dim, "num_heads": self.num_heads,
                 "mlp_ratio": self.mlp_ratio, "qkv_bias": self.qkv_bias,
                 "qk_ratio": self.qk_ratio, "sr_ratio": self.sr_ratio, "drop": self.drop,
-                "attn_drop": self.attn_drop, "drop_path": self.drop_path_rate,
-                "norm_eps": self.norm_eps}
+                "attn_drop": self.attn_drop}
 
 
 def size_divisor(sr_ratios):
@@ -237,21 +222,6 @@ def size_divisor(sr_ratios):
     4, 8, 16, 32) a multiple of its key reduction, as the official relative position
     table (queries // sr^2 keys) assumes."""
     return math.lcm(32, *(2 ** (i + 2) * int(sr) for i, sr in enumerate(sr_ratios)))
-
-
-def _resolve_stage_indices(out_indices):
-    """Stage indices 0-3 (negative count from the end); default: all four stages."""
-    if out_indices is None:
-        return (0, 1, 2, 3)
-    if isinstance(out_indices, int):
-        out_indices = (out_indices,)
-    resolved = []
-    for i in out_indices:
-        j = i + 4 if i < 0 else i
-        if not 0 <= j < 4:
-            raise ValueError(f"out index {i} is out of range for CMT's 4 stages")
-        resolved.append(j)
-    return tuple(resolved)
 
 
 def cmt(*, img_size=224, in_chans=3, num_classes=1000, embed_dims=(46, 92, 184, 368),
@@ -263,14 +233,15 @@ def cmt(*, img_size=224, in_chans=3, num_classes=1000, embed_dims=(46, 92, 184, 
 
     fc_drop_rate: the dropout before the head (the official ``dp``: 0.1, 0.3 for CMT-B).
     features_only: the (B, H/s, W/s, C) maps after the stages in ``out_indices``
-    (strides 4, 8, 16, 32; default all four).
+    (strides 4, 8, 16, 32; default all four; an int n: the last n, as every family).
     """
     if not all(len(t) == 4 for t in (embed_dims, num_heads, mlp_ratios, depths, sr_ratios)):
         raise ValueError("embed_dims, num_heads, mlp_ratios, depths and sr_ratios need one "
                          "entry per stage (4)")
     h, w = check_img_size(img_size, size_divisor(sr_ratios), what="CMT's size divisor")
     check_in_chans(in_chans)
-    indices = _resolve_stage_indices(out_indices) if features_only else ()
+    indices = resolve_out_indices(out_indices, 4, default="all", what="stages") \
+        if features_only else ()
 
     inputs = keras.Input((h, w, in_chans), name="images")
     x = keras.layers.ZeroPadding2D(1, name="stem_pad")(inputs)  # torch's padding=1, stride 2
@@ -278,7 +249,7 @@ def cmt(*, img_size=224, in_chans=3, num_classes=1000, embed_dims=(46, 92, 184, 
         x = _conv(stem_channel, 3, strides=2 if i == 1 else 1,
                   padding="valid" if i == 1 else "same", name=f"stem_conv{i}")(x)
         x = keras.layers.Activation("gelu", name=f"stem_relu{i}")(x)  # exact erf GELU
-        x = _batch_norm(f"stem_norm{i}")(x)
+        x = batch_norm(f"stem_norm{i}")(x)
 
     dprs = drop_path_rates(drop_path_rate, sum(depths))
     features, cur = [], 0
@@ -286,7 +257,7 @@ def cmt(*, img_size=224, in_chans=3, num_classes=1000, embed_dims=(46, 92, 184, 
         dim, heads, sr = embed_dims[s], num_heads[s], sr_ratios[s]
         x = _conv(dim, 2, strides=2, name=f"patch_embed_{stage}.proj")(x)
         # The patch embedding's LayerNorm has torch's default eps; the blocks' have 1e-6.
-        x = keras.layers.LayerNormalization(epsilon=1e-5, name=f"patch_embed_{stage}.norm")(x)
+        x = layer_norm(1e-5, name=f"patch_embed_{stage}.norm")(x)
         gh, gw = x.shape[1], x.shape[2]
         rel = CMTRelativePosition(heads, gh * gw, (gh // sr) * (gw // sr),
                                   name=f"relative_pos_{stage}")(x)
@@ -301,7 +272,7 @@ def cmt(*, img_size=224, in_chans=3, num_classes=1000, embed_dims=(46, 92, 184, 
         return keras.Model(inputs, features, name=name)
 
     x = _conv(fc_dim, 1, name="_fc")(x)
-    x = _batch_norm("_bn")(x)
+    x = batch_norm("_bn")(x)
     x = keras.layers.Activation("silu", name="_swish")(x)
     x = keras.layers.GlobalAveragePooling2D(name="_avg_pooling")(x)
     x = keras.layers.Dropout(fc_drop_rate, name="_drop")(x)

@@ -28,35 +28,28 @@ import keras
 from keras import ops
 
 from keras_vit.layers import (
-    DropPath,
     Mlp,
+    MultiHeadAttention,
     PatchEmbed,
     PositionEmbedding,
     PrefixTokens,
+    ResidualBlock,
     TokenPool,
     TokensToMap,
+    batch_norm,
     dense,
     layer_norm,
 )
-from keras_vit.layers.attention import merge_heads, split_heads
-from keras_vit.models.common import (
-    check_img_size,
-    check_in_chans,
-    drop_path_rates,
-    resolve_out_indices,
-)
+from keras_vit.models.common import (check_img_size, check_in_chans, drop_path_rates,
+                                     resolve_out_indices)
 from keras_vit.registry import INCEPTION_MEAN, INCEPTION_STD, register_variant
 
 
-def _batch_norm(name):
-    # torch BatchNorm2d: eps 1e-5, momentum 0.1 (Keras counts the momentum the other way).
-    return keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name=name)
-
-
 @keras.saving.register_keras_serializable(package="keras_vit")
-class ReAttention(keras.layers.Layer):
-    """The official ``ReAttention``: multi-head self-attention whose softmax maps are
-    re-generated, with ``apply_transform``, by ``var_norm(reatten_matrix(attn)) * reatten_scale``.
+class ReAttention(MultiHeadAttention):
+    """The official ``ReAttention``: multi-head self-attention (``qkv``, ``proj``) whose softmax
+    maps are re-generated, with ``apply_transform``, by ``var_norm(reatten_matrix(attn)) *
+    reatten_scale``.
 
     ``reatten_matrix`` is a 1x1 convolution over the head axis (torch's Conv2d(H, H, 1)
     with bias on (B, H, N, N)); here a Conv2D on the (B, N, N, H) view, so the map is
@@ -65,99 +58,76 @@ class ReAttention(keras.layers.Layer):
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, attn_drop=0.0, proj_drop=0.0,
                  apply_transform=True, transform_scale=False, **kwargs):
-        super().__init__(**kwargs)
-        self.dim, self.num_heads = int(dim), int(num_heads)
-        if self.dim % self.num_heads:
-            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
-        self.qkv_bias, self.attn_drop, self.proj_drop = bool(qkv_bias), float(attn_drop), float(proj_drop)
+        for fixed in ("cross", "head_dim"):  # self-attention with dim / num_heads heads only
+            kwargs.pop(fixed, None)
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                         proj_drop=proj_drop, **kwargs)
         self.apply_transform, self.transform_scale = bool(apply_transform), bool(transform_scale)
-        self.scale = (self.dim // self.num_heads) ** -0.5
         self.reatten_scale = self.scale if self.transform_scale else 1.0
-        self.qkv = dense(3 * self.dim, use_bias=self.qkv_bias, name="qkv")
-        self.attn_dropout = keras.layers.Dropout(self.attn_drop)
-        self.proj = dense(self.dim, name="proj")
-        self.proj_dropout = keras.layers.Dropout(self.proj_drop)
         if self.apply_transform:
             self.reatten_matrix = keras.layers.Conv2D(self.num_heads, 1, name="reatten_matrix")
-            self.var_norm = _batch_norm("var_norm")
+            self.var_norm = batch_norm("var_norm")
 
     def build(self, input_shape):
-        self.qkv.build(input_shape)
-        self.proj.build(input_shape)
+        super().build(input_shape)
         if self.apply_transform:
             n = input_shape[1]
             self.reatten_matrix.build((None, n, n, self.num_heads))
             self.var_norm.build((None, n, n, self.num_heads))
 
-    def call(self, x, training=None):
-        d = self.dim
-        qkv = self.qkv(x)
-        q, k, v = (split_heads(t, self.num_heads)
-                   for t in (qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]))
+    def attend(self, q, k, v, mask=None, bias=None, training=None):
+        # The official order, (q k^T) * scale, and its transform of the dropped-out maps.
         attn = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) * ops.cast(self.scale, q.dtype)
         attn = self.attn_dropout(ops.softmax(attn, axis=-1), training=training)
         if self.apply_transform:
             mixed = self.reatten_matrix(ops.transpose(attn, (0, 2, 3, 1)))  # heads last
             mixed = self.var_norm(mixed, training=training)
             attn = ops.transpose(mixed, (0, 3, 1, 2)) * ops.cast(self.reatten_scale, attn.dtype)
-        out = merge_heads(ops.matmul(attn, v))
-        return self.proj_dropout(self.proj(out), training=training)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
+        return ops.matmul(attn, v)
 
     def get_config(self):
-        return {**super().get_config(), "dim": self.dim, "num_heads": self.num_heads,
-                "qkv_bias": self.qkv_bias, "attn_drop": self.attn_drop,
-                "proj_drop": self.proj_drop, "apply_transform": self.apply_transform,
+        config = super().get_config()
+        for fixed in ("cross", "head_dim"):
+            config.pop(fixed)
+        return {**config, "apply_transform": self.apply_transform,
                 "transform_scale": self.transform_scale}
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
-class DeepViTBlock(keras.layers.Layer):
+class DeepViTBlock(ResidualBlock):
     """The official DeepViT ``Block`` (re_atten=True, as every DeepViT block):
     x + attn(LN(r x)) / r, then x + mlp(LN(r x)) / r, r = ``scale_adjustment``.
 
-    LayerNorm eps 1e-6; r changes the result only through that epsilon, but the
-    official code applies it, so it is kept.
+    LayerNorm eps 1e-6. Inside the norms r changes the result only through that
+    epsilon, but the official code applies it there too, so it is kept; the /r
+    scales the branches.
     """
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, drop=0.0, attn_drop=0.0,
                  drop_path=0.0, apply_transform=False, transform_scale=False,
                  scale_adjustment=1.0, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(
+            ReAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
+                        apply_transform=apply_transform, transform_scale=transform_scale,
+                        name="attn"),
+            Mlp(int(dim * mlp_ratio), drop=drop, name="mlp"), drop_path=drop_path, **kwargs)
         self.dim, self.num_heads, self.mlp_ratio = int(dim), int(num_heads), float(mlp_ratio)
         self.qkv_bias, self.drop, self.attn_drop = bool(qkv_bias), float(drop), float(attn_drop)
-        self.drop_path_rate = float(drop_path)
         self.apply_transform, self.transform_scale = bool(apply_transform), bool(transform_scale)
         self.scale_adjustment = float(scale_adjustment)
-        self.norm1 = layer_norm(1e-6, name="norm1")
-        self.attn = ReAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
-                                proj_drop=drop, apply_transform=apply_transform,
-                                transform_scale=transform_scale, name="attn")
-        self.norm2 = layer_norm(1e-6, name="norm2")
-        self.mlp = Mlp(int(dim * mlp_ratio), drop=drop, name="mlp")
-        self.drop_path = DropPath(drop_path, name="drop_path")
-
-    def build(self, input_shape):
-        for layer in (self.norm1, self.attn, self.norm2, self.mlp):
-            layer.build(input_shape)
 
     def call(self, x, training=None):
+        # Not the skeleton's x + f(LN(x)): each branch sees LN(r x) and is divided by r.
         r = self.scale_adjustment
-        h = self.attn(self.norm1(x * r), training=training)
+        h = self.mix(self.norm1(x * r), training=training)
         x = x + self.drop_path(h / r, training=training)
         h = self.mlp(self.norm2(x * r), training=training)
         return x + self.drop_path(h, training=training) / r
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
     def get_config(self):
-        return {**super().get_config(), "dim": self.dim, "num_heads": self.num_heads,
+        return {**self.block_config(), "dim": self.dim, "num_heads": self.num_heads,
                 "mlp_ratio": self.mlp_ratio, "qkv_bias": self.qkv_bias, "drop": self.drop,
-                "attn_drop": self.attn_drop, "drop_path": self.drop_path_rate,
-                "apply_transform": self.apply_transform,
+                "attn_drop": self.attn_drop, "apply_transform": self.apply_transform,
                 "transform_scale": self.transform_scale,
                 "scale_adjustment": self.scale_adjustment}
 
@@ -168,10 +138,10 @@ def _cnn_patch_embed(x, patch_size, embed_dim):
     p = patch_size // 2
     x = keras.layers.ZeroPadding2D(3, name="patch_embed.pad1")(x)
     x = keras.layers.Conv2D(64, 7, strides=2, use_bias=False, name="patch_embed.conv1")(x)
-    x = keras.layers.ReLU(name="patch_embed.relu1")(_batch_norm("patch_embed.bn1")(x))
+    x = keras.layers.ReLU(name="patch_embed.relu1")(batch_norm("patch_embed.bn1")(x))
     x = keras.layers.ZeroPadding2D(1, name="patch_embed.pad2")(x)
     x = keras.layers.Conv2D(64, 3, use_bias=False, name="patch_embed.conv2")(x)
-    x = keras.layers.ReLU(name="patch_embed.relu2")(_batch_norm("patch_embed.bn2")(x))
+    x = keras.layers.ReLU(name="patch_embed.relu2")(batch_norm("patch_embed.bn2")(x))
     x = keras.layers.Conv2D(embed_dim, p, strides=p, name="patch_embed.proj")(x)
     return keras.layers.Reshape((x.shape[1] * x.shape[2], embed_dim),
                                 name="patch_embed.flatten")(x)
