@@ -261,8 +261,8 @@ class _XCiTBlock(ResidualBlock):
             Mlp(int(dim * mlp_ratio), act=act, drop=proj_drop, name="mlp"),
             norm_eps=norm_eps, drop_path=drop_path, **kwargs)
         self.dim, self.num_heads, self.mlp_ratio = int(dim), int(num_heads), float(mlp_ratio)
-        self.qkv_bias, self.proj_drop, self.attn_drop = bool(qkv_bias), float(proj_drop), float(attn_drop)
-        self.eta, self.act = float(eta), act
+        self.qkv_bias, self.proj_drop = bool(qkv_bias), float(proj_drop)
+        self.attn_drop, self.eta, self.act = float(attn_drop), float(eta), act
 
     def build(self, x_shape):
         super().build(x_shape)
