@@ -101,6 +101,7 @@ def test_causal_mask_hides_the_future():
     (L.PatchEmbed(4, 16, stride=2, padding=1, norm=True), (2, 16, 16, 3)),
     (L.PrefixTokens(("cls_token", "det_token"), counts=(1, 5)), (2, 9, 16)),
     (L.PositionEmbedding((3, 3), 1), (2, 10, 16)),
+    (L.MapPositionEmbedding((3, 4)), (2, 3, 4, 16)),
     (L.SinusoidalPositionEmbedding((3, 3), 1), (2, 10, 16)),
     (L.TransformerBlock(16, 2, init_values=1e-5, drop_path=0.1), (2, 10, 16)),
     (L.TokenPool("avg", 1), (2, 10, 16)),

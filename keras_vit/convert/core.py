@@ -11,7 +11,13 @@ resampled to a new grid, a family's own tensors) register a converter with
 import numpy as np
 import keras
 
-from keras_vit.layers.embedding import PositionEmbedding, PrefixTokens, resample_position_embedding
+from keras_vit.layers.embedding import (
+    MapPositionEmbedding,
+    PositionEmbedding,
+    PrefixTokens,
+    resample_position_embedding,
+    resize_grid,
+)
 
 # Buffers timm keeps in state dicts that are constants here (built from the config).
 IGNORED_SUFFIXES = ("relative_position_index", "attn_mask", "num_batches_tracked")
@@ -80,53 +86,95 @@ def _builtin_entries(layer, path):
     return entries
 
 
+def _beside(path, name):
+    """The key of a parameter ``name`` in the module that holds the layer at ``path``."""
+    return path.rsplit(".", 1)[0] + "." + name if "." in path else name
+
+
 @register_layer_converter(PrefixTokens)
 def _prefix_tokens(layer, path, options):
     # timm keeps cls_token / dist_token / det_token at the model's top level.
-    top = path.rsplit(".", 1)[0] + "." if "." in path else ""
-    return [(var, top + var.name, _identity) for var in layer.tokens]
+    return [(var, _beside(path, var.name), _identity) for var in layer.tokens]
 
 
-@register_layer_converter(PositionEmbedding)
-def _position_embedding(layer, path, options):
-    top = path.rsplit(".", 1)[0] + "." if "." in path else ""
+def _resize_method(options, interpolation=None, antialias=None):
+    """(interpolation, antialias) for resizing a position embedding: the family's own where it
+    fixes them, else load_timm_weights' (timm's checkpoint filter: bicubic with antialias)."""
+    return (interpolation or options.get("interpolation", "bicubic"),
+            options.get("antialias", True) if antialias is None else antialias)
+
+
+def position_embedding_converter(key="pos_embed", interpolation=None, antialias=None):
+    """The converter of a (1, prefix + gh*gw, D) token position embedding (``PositionEmbedding``
+    and its subclasses), the one way every family loads and resizes one.
+
+    ``key``: the reference's parameter name, beside the layer (timm's ``pos_embed``,
+    TNT's ``patch_pos``). A checkpoint made for another grid is resampled as timm's
+    ``resample_abs_pos_embed`` (prefix rows kept); ``interpolation`` / ``antialias``
+    fix how where the reference always resizes one way, else load_timm_weights' apply.
+    """
+
+    def entries(layer, path, options):
+        method, aa = _resize_method(options, interpolation, antialias)
+
+        def convert(a):
+            if a.shape == tuple(layer.pos_embed.shape) or a.ndim != 3:
+                return a
+            return resample_position_embedding(a, layer.grid_size, layer.num_prefix_tokens,
+                                               method=method, antialias=aa)
+
+        return [(layer.pos_embed, _beside(path, key), convert)]
+
+    return entries
+
+
+register_layer_converter(PositionEmbedding)(position_embedding_converter())
+
+
+@register_layer_converter(MapPositionEmbedding)
+def _map_position_embedding(layer, path, options):
+    """timm's (1, C, H, W) map embedding (PiT's ``pos_embed``, TNT's ``pixel_pos``, keyed by
+    the layer's own path) -> (1, H, W, C), resized as timm does when the grid differs."""
+    target = tuple(layer.pos_embed.shape)
 
     def convert(a):
-        if a.shape == tuple(layer.pos_embed.shape) or a.ndim != 3:
-            return a
-        return resample_position_embedding(a, layer.grid_size, layer.num_prefix_tokens,
-                                           method=options.get("interpolation", "bicubic"),
-                                           antialias=options.get("antialias", True))
+        if a.ndim != 4:
+            raise ValueError(f"expected a (1, C, H, W) embedding, got {a.shape}")
+        grid = np.transpose(a[0], (1, 2, 0))
+        if grid.shape[:2] != target[1:3]:
+            method, aa = _resize_method(options)
+            grid = resize_grid(grid, target[1:3], method=method, antialias=aa)
+        return grid[None].astype(np.float32)
 
-    return [(layer.pos_embed, top + "pos_embed", convert)]
+    return [(layer.pos_embed, path, convert)]
 
 
 def _sublayers(layer):
     return list(getattr(layer, "_layers", []))
 
 
+def layer_entries(layer, path, options):
+    """One layer's weights and its sublayers' as (variable, timm key, converter), ``path``
+    being the layer's timm module path. Family converters that nest layers timm does not
+    (``covers_sublayers``) call it for the sublayers with the paths timm uses."""
+    conv = next((fn for cls, fn in _LAYER_CONVERTERS.items() if type(layer) is cls), None)
+    if conv is not None:
+        entries = list(conv(layer, path, options))
+    elif type(layer).__module__.startswith("keras."):
+        entries = _builtin_entries(layer, path)
+    else:
+        own = layer._trainable_variables + layer._non_trainable_variables
+        entries = [(v, f"{path}.{v.name}", _identity) for v in own]
+    if conv is None or not getattr(conv, "covers_sublayers", False):
+        for sub in _sublayers(layer):
+            entries.extend(layer_entries(sub, f"{path}.{sub.name}", options))
+    return entries
+
+
 def weight_entries(model, options=None):
     """Every weight of the model as (variable, timm key, converter), in a stable order."""
-    entries, options = [], options or {}
-
-    def visit(layer, path):
-        conv = next((fn for cls, fn in _LAYER_CONVERTERS.items() if type(layer) is cls), None)
-        own = [v for v in layer._trainable_variables + layer._non_trainable_variables]
-        if conv is not None:
-            entries.extend(conv(layer, path, options))
-        elif type(layer).__module__.startswith("keras."):
-            entries.extend(_builtin_entries(layer, path))
-        else:
-            entries.extend((v, f"{path}.{v.name}", _identity) for v in own)
-        if conv is None or not getattr(conv, "covers_sublayers", False):
-            for sub in _sublayers(layer):
-                visit(sub, f"{path}.{sub.name}")
-
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
-        visit(layer, layer.name)
-    return entries
+    return [entry for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)
+            for entry in layer_entries(layer, layer.name, options or {})]
 
 
 def to_numpy(value):

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_vit.layers.common import layer_norm
+from keras_vit.layers.common import layer_norm, trunc_normal
 
 
 def to_2tuple(x):
@@ -124,15 +124,18 @@ class PositionEmbedding(keras.layers.Layer):
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.stddev = float(stddev)
 
-    def build(self, input_shape):
+    def embedding_shape(self, input_shape):
+        """The weight's shape for inputs of ``input_shape``; a ValueError if they do not fit."""
         n = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
         if input_shape[1] is not None and input_shape[1] != n:
-            raise ValueError(f"PositionEmbedding for grid {self.grid_size} with "
+            raise ValueError(f"{type(self).__name__} for grid {self.grid_size} with "
                              f"{self.num_prefix_tokens} prefix tokens expects {n} tokens, "
                              f"got {input_shape[1]}")
-        self.pos_embed = self.add_weight(
-            name="pos_embed", shape=(1, n, input_shape[-1]),
-            initializer=keras.initializers.TruncatedNormal(stddev=self.stddev))
+        return (1, n, input_shape[-1])
+
+    def build(self, input_shape):
+        self.pos_embed = self.add_weight(name="pos_embed", shape=self.embedding_shape(input_shape),
+                                         initializer=trunc_normal(self.stddev))
 
     def call(self, x):
         return x + ops.cast(self.pos_embed, x.dtype)
@@ -143,6 +146,29 @@ class PositionEmbedding(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "grid_size": self.grid_size,
                 "num_prefix_tokens": self.num_prefix_tokens, "stddev": self.stddev}
+
+
+@keras.saving.register_keras_serializable(package="keras_vit")
+class MapPositionEmbedding(PositionEmbedding):
+    """A learned position embedding added to a (B, H, W, C) map; its weight is (1, H, W, C).
+
+    timm keeps such embeddings as NCHW parameters named by the module path
+    (PiT's ``pos_embed``, TNT's ``pixel_pos``); ``keras_vit/convert/core.py``
+    transposes them and resizes the grid when it differs.
+    """
+
+    def __init__(self, grid_size, stddev=0.02, **kwargs):
+        super().__init__(grid_size, num_prefix_tokens=0, stddev=stddev, **kwargs)
+
+    def embedding_shape(self, input_shape):
+        if tuple(input_shape[1:3]) != self.grid_size:
+            raise ValueError(f"{self.name}: expects a {self.grid_size} map, got {input_shape}")
+        return (1,) + self.grid_size + (input_shape[-1],)
+
+    def get_config(self):
+        config = super().get_config()
+        del config["num_prefix_tokens"]  # a map has none
+        return config
 
 
 def sinusoid_table(num_positions, dim):

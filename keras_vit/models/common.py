@@ -1,6 +1,12 @@
-"""Argument checks every builder runs before it builds anything."""
+"""What every builder shares: argument checks run before anything is built, the
+``features_only`` convention, and the ViT-style tail (blocks -> token maps, or norm ->
+pool -> head) that token-based families end in."""
 
+import keras
+
+from keras_vit.layers.common import dense, layer_norm
 from keras_vit.layers.embedding import to_2tuple
+from keras_vit.layers.pooling import TokenPool, TokensToMap
 
 
 def check_img_size(img_size, divisor, what="patch_size"):
@@ -56,6 +62,66 @@ def drop_path_rates(drop_path_rate, depth):
     if depth == 1:
         return [0.0]
     return [drop_path_rate * i / (depth - 1) for i in range(depth)]
+
+
+def _itself(out):
+    return out
+
+
+def transformer_blocks(x, block, depth, drop_path_rate=0.0, *, grid=None, num_prefix_tokens=1,
+                       features_only=False, out_indices=None, tokens=_itself):
+    """``x`` through ``depth`` blocks ``block(i, drop_path)`` with stochastic depth rising
+    linearly. Returns (x, feature maps): with ``features_only``, the (B, gh, gw, D) token
+    maps (layers ``feature_i``) after the ``out_indices`` blocks (``resolve_out_indices``,
+    default the last 3). ``tokens`` picks the tokens out of a block's output where that
+    holds more (TNT's [pixels, patches])."""
+    indices = set(resolve_out_indices(out_indices, depth)) if features_only else ()
+    features = []
+    for i, dpr in enumerate(drop_path_rates(drop_path_rate, depth)):
+        x = block(i, dpr)(x)
+        if i in indices:
+            features.append(TokensToMap(grid, num_prefix_tokens, name=f"feature_{i}")(tokens(x)))
+    return x, features
+
+
+def classifier_model(inputs, pooled, num_classes, name, drop_rate=None, dist=None,
+                     distilled_training=False):
+    """The functional model of a classifier on ``pooled`` features: Dropout ``head_drop``
+    (where the family has one: ``drop_rate`` not None), then the Linear ``head``;
+    ``num_classes=0`` gives the pooled features. ``dist``: DeiT's / PiT's distillation
+    token, with its own Linear ``head_dist``: the output is the mean of the two heads, or
+    both (``distilled_training``)."""
+    if num_classes:
+        if drop_rate is not None:
+            pooled = keras.layers.Dropout(drop_rate, name="head_drop")(pooled)
+        pooled = dense(num_classes, name="head")(pooled)
+        if dist is not None:
+            dist = dense(num_classes, name="head_dist")(dist)
+    if dist is None:
+        outputs = pooled
+    elif distilled_training:
+        outputs = [pooled, dist]
+    else:
+        outputs = keras.layers.Average(name="head_average")([pooled, dist])
+    return keras.Model(inputs, outputs, name=name)
+
+
+def token_trunk_model(inputs, x, block, depth, *, grid, num_classes, name, drop_path_rate=0.0,
+                      num_prefix_tokens=1, features_only=False, out_indices=None, tokens=_itself,
+                      norm_eps=1e-6, global_pool="token", drop_rate=None):
+    """The ViT-style trunk from its first block on, as a functional model: ``depth`` blocks
+    (``transformer_blocks``), then the ``features_only`` token maps, or the final
+    LayerNorm ``norm``, pooling ``pool`` (timm's global_pool: "token" or "avg") and
+    ``classifier_model``'s head."""
+    x, features = transformer_blocks(x, block, depth, drop_path_rate, grid=grid,
+                                     num_prefix_tokens=num_prefix_tokens,
+                                     features_only=features_only, out_indices=out_indices,
+                                     tokens=tokens)
+    if features_only:
+        return keras.Model(inputs, features, name=name)
+    x = layer_norm(norm_eps, name="norm")(tokens(x))
+    pooled = TokenPool(global_pool, num_prefix_tokens, name="pool")(x)
+    return classifier_model(inputs, pooled, num_classes, name, drop_rate=drop_rate)
 
 
 def count_parameters(model):

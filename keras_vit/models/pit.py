@@ -9,41 +9,22 @@ Names, hyperparameters and outputs match timm's ``pit.py``.
 import keras
 from keras import ops
 
-from keras_vit.layers import PrefixTokens, TokenPool, TransformerBlock, dense, layer_norm
+from keras_vit.layers import (
+    MapPositionEmbedding,
+    PrefixTokens,
+    TokenPool,
+    TransformerBlock,
+    dense,
+    layer_norm,
+)
 from keras_vit.layers.embedding import to_2tuple
-from keras_vit.models.common import check_in_chans, drop_path_rates, resolve_out_indices
+from keras_vit.models.common import (
+    check_in_chans,
+    classifier_model,
+    drop_path_rates,
+    resolve_out_indices,
+)
 from keras_vit.registry import IMAGENET_MEAN, IMAGENET_STD, register_variant
-
-
-@keras.saving.register_keras_serializable(package="keras_vit")
-class MapPositionEmbedding(keras.layers.Layer):
-    """A learned position embedding added to a (B, H, W, C) map; its weight is (1, H, W, C).
-
-    timm keeps such embeddings as NCHW parameters named by the module path
-    (PiT's ``pos_embed``, TNT's ``pixel_pos``); the converter of
-    ``keras_vit/convert/pit.py`` transposes them and resizes the grid when it differs.
-    """
-
-    def __init__(self, grid_size, stddev=0.02, **kwargs):
-        super().__init__(**kwargs)
-        self.grid_size = to_2tuple(grid_size)
-        self.stddev = float(stddev)
-
-    def build(self, input_shape):
-        if tuple(input_shape[1:3]) != self.grid_size:
-            raise ValueError(f"{self.name}: expects a {self.grid_size} map, got {input_shape}")
-        self.pos_embed = self.add_weight(
-            name="pos_embed", shape=(1,) + self.grid_size + (input_shape[-1],),
-            initializer=keras.initializers.TruncatedNormal(stddev=self.stddev))
-
-    def call(self, x):
-        return x + ops.cast(self.pos_embed, x.dtype)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "grid_size": self.grid_size, "stddev": self.stddev}
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
@@ -165,22 +146,9 @@ def pooling_vision_transformer(*, img_size=224, patch_size=16, stride=8, base_di
     cls = layer_norm(name="norm")(cls)
     cls = keras.layers.Dropout(drop_rate, name="head_drop")(cls)
     pooled = TokenPool("token", num_tokens, name="pool")(cls)
-    if distilled:
-        dist = TokenPool("token", num_tokens, index=1, name="pool_dist")(cls)
-    if not num_classes:
-        if not distilled:
-            return keras.Model(inputs, pooled, name=name)
-        out = [pooled, dist] if distilled_training else \
-            keras.layers.Average(name="head_average")([pooled, dist])
-        return keras.Model(inputs, out, name=name)
-    logits = dense(num_classes, name="head")(pooled)
-    if not distilled:
-        return keras.Model(inputs, logits, name=name)
-    dist_logits = dense(num_classes, name="head_dist")(dist)
-    if distilled_training:
-        return keras.Model(inputs, [logits, dist_logits], name=name)
-    return keras.Model(inputs, keras.layers.Average(name="head_average")([logits, dist_logits]),
-                       name=name)
+    dist = TokenPool("token", num_tokens, index=1, name="pool_dist")(cls) if distilled else None
+    return classifier_model(inputs, pooled, num_classes, name, dist=dist,
+                            distilled_training=distilled_training)
 
 
 def _pit(name, **defaults):

@@ -29,21 +29,15 @@ from keras import ops
 from keras_vit.layers import (
     DropPath,
     Mlp,
-    PrefixTokens,
-    TokenPool,
+    PositionEmbedding,
     TokensToMap,
-    TransformerBlock,
     activation,
     dense,
+    layer_norm,
     sinusoid_table,
 )
-from keras_vit.layers.embedding import to_2tuple
-from keras_vit.models.common import (
-    check_img_size,
-    check_in_chans,
-    drop_path_rates,
-    resolve_out_indices,
-)
+from keras_vit.models.common import check_img_size, check_in_chans
+from keras_vit.models.vit import vit_on_tokens
 from keras_vit.registry import IMAGENET_MEAN, IMAGENET_STD, register_variant
 
 TORCH_LN_EPS = 1e-5  # the official code uses nn.LayerNorm's default everywhere
@@ -52,7 +46,7 @@ SOFT_SPLITS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
 
 
 def _ln(name):
-    return keras.layers.LayerNormalization(epsilon=TORCH_LN_EPS, name=name)
+    return layer_norm(TORCH_LN_EPS, name=name)
 
 
 def soft_split_size(size, kernel, stride, padding):
@@ -106,6 +100,7 @@ class SoftSplit(keras.layers.Layer):
                 "padding": self.padding}
 
 
+# Not a ResidualBlock: the attention residual adds v (width emb), not the input (C*k*k).
 @keras.saving.register_keras_serializable(package="keras_vit")
 class TokenPerformer(keras.layers.Layer):
     """The official ``Token_performer``: one-head Performer attention with positive random
@@ -169,6 +164,7 @@ class TokenPerformer(keras.layers.Layer):
                 "dp1": self.dp1, "dp2": self.dp2}
 
 
+# Not a ResidualBlock: the attention residual adds v (width in_dim), not the input (dim).
 @keras.saving.register_keras_serializable(package="keras_vit")
 class TokenTransformer(keras.layers.Layer):
     """The official ``Token_transformer`` (T2T-ViT_t): one-head attention from ``dim`` input
@@ -224,7 +220,7 @@ class TokenTransformer(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
-class FixedSinusoidPositionEmbedding(keras.layers.Layer):
+class FixedSinusoidPositionEmbedding(PositionEmbedding):
     """Adds the official ``get_sinusoid_encoding`` table over [CLS] + grid tokens.
 
     A non-trainable weight ``pos_embed`` (1, N, D) initialised to the table
@@ -234,30 +230,11 @@ class FixedSinusoidPositionEmbedding(keras.layers.Layer):
     resized bicubically, as the official ``utils.resize_pos_embed``.
     """
 
-    def __init__(self, grid_size, num_prefix_tokens=1, **kwargs):
-        super().__init__(**kwargs)
-        self.grid_size = to_2tuple(grid_size)
-        self.num_prefix_tokens = int(num_prefix_tokens)
-
     def build(self, input_shape):
-        n = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
-        if input_shape[1] is not None and input_shape[1] != n:
-            raise ValueError(f"position embedding for grid {self.grid_size} expects {n} tokens, "
-                             f"got {input_shape[1]}")
-        table = sinusoid_table(n, input_shape[-1])[None]
+        table = sinusoid_table(*self.embedding_shape(input_shape)[1:])[None]
         self.pos_embed = self.add_weight(name="pos_embed", shape=table.shape, trainable=False,
                                          initializer="zeros")
         self.pos_embed.assign(table)
-
-    def call(self, x):
-        return x + ops.cast(self.pos_embed, x.dtype)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "grid_size": self.grid_size,
-                "num_prefix_tokens": self.num_prefix_tokens}
 
 
 def check_t2t_img_size(img_size):
@@ -298,26 +275,14 @@ def t2t_vit(*, img_size=224, tokens_type="performer", in_chans=3, num_classes=10
         x = TokensToMap((gh, gw), 0, name=f"tokens_to_token.restructure{i + 1}")(x)
     x = dense(embed_dim, name="tokens_to_token.project")(x)
 
-    x = PrefixTokens(("cls_token",), stddev=0.02, name="prefix_tokens")(x)
-    x = FixedSinusoidPositionEmbedding(grid, 1, name="pos_embed")(x)
-    x = keras.layers.Dropout(drop_rate, name="pos_drop")(x)
-
-    features = []
-    indices = set(resolve_out_indices(out_indices, depth)) if features_only else ()
-    for i, dpr in enumerate(drop_path_rates(drop_path_rate, depth)):
-        x = TransformerBlock(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
-                             attn_drop=attn_drop_rate, drop_path=dpr, norm_eps=TORCH_LN_EPS,
-                             name=f"blocks.{i}")(x)
-        if i in indices:
-            features.append(TokensToMap(grid, 1, name=f"feature_{i}")(x))
-    if features_only:
-        return keras.Model(inputs, features, name=name)
-
-    x = _ln("norm")(x)
-    pooled = TokenPool("token", 1, name="pool")(x)
-    if not num_classes:
-        return keras.Model(inputs, pooled, name=name)
-    return keras.Model(inputs, dense(num_classes, name="head")(pooled), name=name)
+    # The official backbone: a [CLS] token drawn with std 0.02, the fixed sinusoid table,
+    # torch's LayerNorm eps and no dropout before the head.
+    return vit_on_tokens(inputs, x, grid, num_classes=num_classes, depth=depth,
+                         num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                         drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                         drop_path_rate=drop_path_rate, norm_eps=TORCH_LN_EPS, token_std=0.02,
+                         position_embedding=FixedSinusoidPositionEmbedding, head_drop=False,
+                         features_only=features_only, out_indices=out_indices, name=name)
 
 
 def _t2t(name, **defaults):

@@ -14,24 +14,17 @@ import keras
 from keras import ops
 
 from keras_vit.layers import (
-    DropPath,
+    MapPositionEmbedding,
     Mlp,
     PositionEmbedding,
     PrefixTokens,
-    TokenPool,
-    TokensToMap,
+    ResidualBlock,
     dense,
     layer_norm,
 )
 from keras_vit.layers.attention import merge_heads, split_heads
 from keras_vit.layers.embedding import to_2tuple
-from keras_vit.models.common import (
-    check_img_size,
-    check_in_chans,
-    drop_path_rates,
-    resolve_out_indices,
-)
-from keras_vit.models.pit import MapPositionEmbedding
+from keras_vit.models.common import check_img_size, check_in_chans, token_trunk_model
 from keras_vit.registry import INCEPTION_MEAN, INCEPTION_STD, register_variant
 
 # TNT uses torch's nn.LayerNorm default everywhere.
@@ -129,8 +122,11 @@ class TntAttention(keras.layers.Layer):
 class TntBlock(keras.layers.Layer):
     """timm TNT ``Block``: [pixels (B*N, P, c), patches (B, 1 + N, D)] -> the same two.
 
-    Inner transformer on each patch's pixels; the pixels, flattened per patch and
-    projected, are added to the patch tokens (not [CLS]); then the outer transformer.
+    The inner transformer (a pre-norm ``ResidualBlock`` of ``TntAttention``) on each
+    patch's pixels; the pixels, flattened per patch and projected, are added to the
+    patch tokens (not [CLS]); then the outer transformer (another) on the patches.
+    timm's names are kept (``norm_in``, ``attn_in``, ..., ``norm_out``, ``mlp``);
+    ``convert/tnt.py`` maps them without the ``inner`` / ``outer`` level.
     """
 
     def __init__(self, dim, dim_out, num_pixel, num_heads_in=4, num_heads_out=12, mlp_ratio=4.0,
@@ -142,51 +138,42 @@ class TntBlock(keras.layers.Layer):
         self.mlp_ratio, self.qkv_bias = float(mlp_ratio), bool(qkv_bias)
         self.proj_drop, self.attn_drop = float(proj_drop), float(attn_drop)
         self.drop_path_rate, self.legacy = float(drop_path), bool(legacy)
-        common = dict(qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
-        self.norm_in = layer_norm(LN_EPS, name="norm_in")
-        self.attn_in = TntAttention(dim, dim, num_heads_in, name="attn_in", **common)
-        self.norm_mlp_in = layer_norm(LN_EPS, name="norm_mlp_in")
-        self.mlp_in = Mlp(dim * 4, out_features=dim, drop=proj_drop, name="mlp_in")
+        attn = dict(qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        block = dict(norm_eps=LN_EPS, drop_path=drop_path)
+        self.inner = ResidualBlock(
+            TntAttention(dim, dim, num_heads_in, name="attn_in", **attn),
+            Mlp(dim * 4, out_features=dim, drop=proj_drop, name="mlp_in"),
+            norm_names=("norm_in", "norm_mlp_in"), name="inner", **block)
         self.norm1_proj = layer_norm(LN_EPS, name="norm1_proj")
         self.proj = dense(dim_out, use_bias=self.legacy, name="proj")
         self.norm2_proj = None if self.legacy else layer_norm(LN_EPS, name="norm2_proj")
-        self.norm_out = layer_norm(LN_EPS, name="norm_out")
-        self.attn_out = TntAttention(dim_out, dim_out, num_heads_out, name="attn_out", **common)
-        self.norm_mlp = layer_norm(LN_EPS, name="norm_mlp")
-        self.mlp = Mlp(int(dim_out * mlp_ratio), out_features=dim_out, drop=proj_drop,
-                       name="mlp")
-        self.drop_path = DropPath(drop_path, name="drop_path")
+        self.outer = ResidualBlock(
+            TntAttention(dim_out, dim_out, num_heads_out, name="attn_out", **attn),
+            Mlp(int(dim_out * mlp_ratio), out_features=dim_out, drop=proj_drop, name="mlp"),
+            norm_names=("norm_out", "norm_mlp"), name="outer", **block)
 
     def build(self, inputs_shape):
         pixel_shape, patch_shape = inputs_shape
-        for layer in (self.norm_in, self.attn_in, self.norm_mlp_in, self.mlp_in):
-            layer.build(pixel_shape)
+        self.inner.build(pixel_shape)
         flat = (None, patch_shape[1] - 1, self.num_pixel * self.dim)
         self.norm1_proj.build(pixel_shape if self.legacy else flat)
         self.proj.build(flat)
         if self.norm2_proj is not None:
             self.norm2_proj.build(patch_shape)
-        for layer in (self.norm_out, self.attn_out, self.norm_mlp, self.mlp):
-            layer.build(patch_shape)
+        self.outer.build(patch_shape)
 
     def call(self, inputs, training=None):
         pixel, patch = inputs
-        dp = self.drop_path
-        pixel = pixel + dp(self.attn_in(self.norm_in(pixel), training=training), training=training)
-        pixel = pixel + dp(self.mlp_in(self.norm_mlp_in(pixel), training=training),
-                           training=training)
+        pixel = self.inner(pixel, training=training)
         n = patch.shape[1] - 1
         if self.legacy:
             flat = ops.reshape(self.norm1_proj(pixel), (-1, n, self.num_pixel * self.dim))
-            inner = self.proj(flat)
+            from_pixels = self.proj(flat)
         else:
             flat = ops.reshape(pixel, (-1, n, self.num_pixel * self.dim))
-            inner = self.norm2_proj(self.proj(self.norm1_proj(flat)))
-        patch = ops.concatenate([patch[:, :1], patch[:, 1:] + inner], axis=1)
-        patch = patch + dp(self.attn_out(self.norm_out(patch), training=training),
-                           training=training)
-        patch = patch + dp(self.mlp(self.norm_mlp(patch), training=training), training=training)
-        return [pixel, patch]
+            from_pixels = self.norm2_proj(self.proj(self.norm1_proj(flat)))
+        patch = ops.concatenate([patch[:, :1], patch[:, 1:] + from_pixels], axis=1)
+        return [pixel, self.outer(patch, training=training)]
 
     def compute_output_shape(self, input_shape):
         return [tuple(s) for s in input_shape]
@@ -242,24 +229,17 @@ def transformer_in_transformer(*, img_size=224, patch_size=16, in_chans=3, num_c
     patch = PatchPosition(grid, 1, name="patch_pos")(patch)
     patch = keras.layers.Dropout(pos_drop_rate, name="pos_drop")(patch)
 
-    features = []
-    indices = set(resolve_out_indices(out_indices, depth)) if features_only else ()
-    for i, dpr in enumerate(drop_path_rates(drop_path_rate, depth)):
-        pixel, patch = TntBlock(inner_dim, embed_dim, num_pixel, num_heads_inner,
-                                num_heads_outer, mlp_ratio, qkv_bias=qkv_bias,
-                                proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
-                                drop_path=dpr, legacy=legacy, name=f"blocks.{i}")([pixel, patch])
-        if i in indices:
-            features.append(TokensToMap(grid, 1, name=f"feature_{i}")(patch))
-    if features_only:
-        return keras.Model(inputs, features, name=name)
+    def block(i, drop_path):
+        return TntBlock(inner_dim, embed_dim, num_pixel, num_heads_inner, num_heads_outer,
+                        mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
+                        attn_drop=attn_drop_rate, drop_path=drop_path, legacy=legacy,
+                        name=f"blocks.{i}")
 
-    x = layer_norm(LN_EPS, name="norm")(patch)
-    pooled = TokenPool(global_pool, 1, name="pool")(x)
-    if not num_classes:
-        return keras.Model(inputs, pooled, name=name)
-    pooled = keras.layers.Dropout(drop_rate, name="head_drop")(pooled)
-    return keras.Model(inputs, dense(num_classes, name="head")(pooled), name=name)
+    return token_trunk_model(inputs, [pixel, patch], block, depth, grid=grid,
+                             num_classes=num_classes, name=name, drop_path_rate=drop_path_rate,
+                             features_only=features_only, out_indices=out_indices,
+                             tokens=lambda out: out[1], norm_eps=LN_EPS,
+                             global_pool=global_pool, drop_rate=drop_rate)
 
 
 def _tnt(name, **defaults):

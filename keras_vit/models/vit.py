@@ -11,16 +11,14 @@ from keras_vit.layers import (
     PositionEmbedding,
     PrefixTokens,
     TokenPool,
-    TokensToMap,
     TransformerBlock,
-    dense,
     layer_norm,
 )
 from keras_vit.models.common import (
     check_img_size,
     check_in_chans,
-    drop_path_rates,
-    resolve_out_indices,
+    classifier_model,
+    transformer_blocks,
 )
 from keras_vit.registry import INCEPTION_MEAN, INCEPTION_STD, register_variant
 
@@ -44,6 +42,35 @@ def vision_transformer(*, img_size=224, patch_size=16, in_chans=3, num_classes=1
     """
     h, w = check_img_size(img_size, patch_size)
     check_in_chans(in_chans)
+    inputs = keras.Input((h, w, in_chans), name="images")
+    tokens = PatchEmbed(patch_size, embed_dim, name="patch_embed")(inputs)
+    return vit_on_tokens(
+        inputs, tokens, (h // patch_size, w // patch_size), num_classes=num_classes,
+        depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+        class_token=class_token, global_pool=global_pool,
+        representation_size=representation_size, distilled=distilled,
+        distilled_training=distilled_training, drop_rate=drop_rate,
+        attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, init_values=init_values,
+        fc_norm=fc_norm, norm_first=norm_first, features_only=features_only,
+        out_indices=out_indices, name=name)
+
+
+def vit_on_tokens(inputs, tokens, grid, *, num_classes=1000, depth=12, num_heads=12,
+                  mlp_ratio=4.0, qkv_bias=True, class_token=True, global_pool="token",
+                  representation_size=None, distilled=False, distilled_training=False,
+                  drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, init_values=None,
+                  fc_norm=None, norm_first=True, norm_eps=1e-6, token_std=1e-6,
+                  position_embedding=PositionEmbedding, head_drop=True, features_only=False,
+                  out_indices=None, name="vit"):
+    """The ViT on the (B, gh*gw, D) patch tokens of any stem (ViT's linear patch embedding,
+    ViT_C's conv stem, T2T's tokens-to-token module), as a functional model: prefix
+    tokens, ``position_embedding`` (a layer class called as ``(grid, num_prefix_tokens,
+    name="pos_embed")``), transformer blocks, then the ``features_only`` maps or the head.
+
+    The arguments are ``vision_transformer``'s; besides, what stems' references set
+    otherwise: ``norm_eps`` of every LayerNorm, ``token_std`` of the prefix tokens'
+    initialisation, and ``head_drop`` (whether dropout precedes the head).
+    """
     if global_pool not in ("token", "avg"):
         raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
     if global_pool == "token" and not class_token:
@@ -51,49 +78,42 @@ def vision_transformer(*, img_size=224, patch_size=16, in_chans=3, num_classes=1
     if distilled and (global_pool != "token" or representation_size):
         raise ValueError("distilled models pool the class and distillation tokens; use "
                          "global_pool='token' and no representation layer")
-    grid = (h // patch_size, w // patch_size)
     token_names = (("cls_token",) if class_token else ()) + (("dist_token",) if distilled else ())
     num_prefix = len(token_names)
 
-    inputs = keras.Input((h, w, in_chans), name="images")
-    x = PatchEmbed(patch_size, embed_dim, name="patch_embed")(inputs)
+    x = tokens
     if token_names:
-        x = PrefixTokens(token_names, name="prefix_tokens")(x)
-    x = PositionEmbedding(grid, num_prefix, name="pos_embed")(x)
+        x = PrefixTokens(token_names, stddev=token_std, name="prefix_tokens")(x)
+    x = position_embedding(grid, num_prefix, name="pos_embed")(x)
     x = keras.layers.Dropout(drop_rate, name="pos_drop")(x)
 
-    features = []
-    indices = set(resolve_out_indices(out_indices, depth)) if features_only else ()
-    for i, dpr in enumerate(drop_path_rates(drop_path_rate, depth)):
-        x = TransformerBlock(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
-                             attn_drop=attn_drop_rate, drop_path=dpr, init_values=init_values,
-                             norm_first=norm_first, name=f"blocks.{i}")(x)
-        if i in indices:
-            features.append(TokensToMap(grid, num_prefix, name=f"feature_{i}")(x))
+    def block(i, drop_path):
+        return TransformerBlock(tokens.shape[-1], num_heads, mlp_ratio, qkv_bias=qkv_bias,
+                                drop=drop_rate, attn_drop=attn_drop_rate, drop_path=drop_path,
+                                init_values=init_values, norm_first=norm_first,
+                                norm_eps=norm_eps, name=f"blocks.{i}")
+
+    x, features = transformer_blocks(x, block, depth, drop_path_rate, grid=grid,
+                                     num_prefix_tokens=num_prefix, features_only=features_only,
+                                     out_indices=out_indices)
     if features_only:
         return keras.Model(inputs, features, name=name)
 
     use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
     if norm_first and not use_fc_norm:  # Post-LN blocks end normalised already
-        x = layer_norm(name="norm")(x)
+        x = layer_norm(norm_eps, name="norm")(x)
     pooled = TokenPool(global_pool, num_prefix, name="pool")(x)
     if use_fc_norm:
-        pooled = layer_norm(name="fc_norm")(pooled)
+        pooled = layer_norm(norm_eps, name="fc_norm")(pooled)
     if representation_size:
         pooled = keras.layers.Dense(representation_size, activation="tanh",
                                     name="pre_logits.fc")(pooled)
-    if not num_classes:
-        return keras.Model(inputs, pooled, name=name)
-    pooled = keras.layers.Dropout(drop_rate, name="head_drop")(pooled)
-    logits = dense(num_classes, name="head")(pooled)
-    if not distilled:
-        return keras.Model(inputs, logits, name=name)
-    dist = TokenPool("token", num_prefix, index=1, name="pool_dist")(x)
-    dist_logits = dense(num_classes, name="head_dist")(dist)
-    if distilled_training:
-        return keras.Model(inputs, [logits, dist_logits], name=name)
-    return keras.Model(inputs, keras.layers.Average(name="head_average")([logits, dist_logits]),
-                       name=name)
+    # Headless, a distilled model gives the [CLS] features alone.
+    dist = (TokenPool("token", num_prefix, index=1, name="pool_dist")(x)
+            if distilled and num_classes else None)
+    return classifier_model(inputs, pooled, num_classes, name,
+                            drop_rate=drop_rate if head_drop else None, dist=dist,
+                            distilled_training=distilled_training)
 
 
 def distilled_inference_model(model):

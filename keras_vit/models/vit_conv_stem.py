@@ -30,21 +30,9 @@ import math
 
 import keras
 
-from keras_vit.layers import (
-    PositionEmbedding,
-    PrefixTokens,
-    TokenPool,
-    TokensToMap,
-    TransformerBlock,
-    dense,
-    layer_norm,
-)
-from keras_vit.models.common import (
-    check_img_size,
-    check_in_chans,
-    drop_path_rates,
-    resolve_out_indices,
-)
+from keras_vit.layers import batch_norm
+from keras_vit.models.common import check_img_size, check_in_chans
+from keras_vit.models.vit import vit_on_tokens
 from keras_vit.registry import IMAGENET_MEAN, IMAGENET_STD, register_variant
 
 
@@ -61,7 +49,7 @@ def conv_stem(x, stem_chs, strides, embed_dim, name="stem"):
         x = keras.layers.ZeroPadding2D(1, name=f"{name}.{i}.pad")(x)
         x = keras.layers.Conv2D(c, 3, strides=s, padding="valid", use_bias=False,
                                 name=f"{name}.{i}.conv")(x)
-        x = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name=f"{name}.{i}.bn")(x)
+        x = batch_norm(f"{name}.{i}.bn")(x)
         x = keras.layers.Activation("relu", name=f"{name}.{i}.act")(x)
     # pycls initialises the last 1x1 conv with N(0, sqrt(2 / out_channels)).
     init = keras.initializers.RandomNormal(stddev=math.sqrt(2.0 / embed_dim))
@@ -92,27 +80,12 @@ def vit_conv_stem(*, img_size=224, in_chans=3, num_classes=1000, stem_chs=(24, 4
     inputs = keras.Input((h, w, in_chans), name="images")
     x = conv_stem(inputs, stem_chs, strides, embed_dim)
     x = keras.layers.Reshape((grid[0] * grid[1], embed_dim), name="stem.flatten")(x)
-    x = PrefixTokens(("cls_token",), stddev=0.0, name="prefix_tokens")(x)
-    x = PositionEmbedding(grid, 1, name="pos_embed")(x)
-    x = keras.layers.Dropout(drop_rate, name="pos_drop")(x)
-
-    features = []
-    indices = set(resolve_out_indices(out_indices, depth)) if features_only else ()
-    for i, dpr in enumerate(drop_path_rates(drop_path_rate, depth)):
-        x = TransformerBlock(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
-                             attn_drop=attn_drop_rate, drop_path=dpr, norm_eps=norm_eps,
-                             name=f"blocks.{i}")(x)
-        if i in indices:
-            features.append(TokensToMap(grid, 1, name=f"feature_{i}")(x))
-    if features_only:
-        return keras.Model(inputs, features, name=name)
-
-    x = layer_norm(norm_eps, name="norm")(x)
-    pooled = TokenPool("token", 1, name="pool")(x)
-    if not num_classes:
-        return keras.Model(inputs, pooled, name=name)
-    pooled = keras.layers.Dropout(drop_rate, name="head_drop")(pooled)
-    return keras.Model(inputs, dense(num_classes, name="head")(pooled), name=name)
+    # pycls: a zero-initialised class token, torch's LayerNorm eps everywhere.
+    return vit_on_tokens(inputs, x, grid, num_classes=num_classes, depth=depth,
+                         num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                         drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                         drop_path_rate=drop_path_rate, norm_eps=norm_eps, token_std=0.0,
+                         features_only=features_only, out_indices=out_indices, name=name)
 
 
 def _vit_c(name, **defaults):
