@@ -34,14 +34,9 @@ from keras_vit.layers import (
     PositionEmbedding,
     PrefixTokens,
     ResidualBlock,
-    TokenPool,
-    TokensToMap,
     batch_norm,
-    dense,
-    layer_norm,
 )
-from keras_vit.models.common import (check_img_size, check_in_chans, drop_path_rates,
-                                     resolve_out_indices)
+from keras_vit.models.common import check_img_size, check_in_chans, token_trunk_model
 from keras_vit.registry import INCEPTION_MEAN, INCEPTION_STD, register_variant
 
 
@@ -178,24 +173,17 @@ def deep_vision_transformer(*, img_size=224, patch_size=16, in_chans=3, num_clas
     x = PositionEmbedding(grid, 1, name="pos_embed")(x)
     x = keras.layers.Dropout(drop_rate, name="pos_drop")(x)
 
-    features = []
-    indices = set(resolve_out_indices(out_indices, depth)) if features_only else ()
-    for i, dpr in enumerate(drop_path_rates(drop_path_rate, depth)):
-        x = DeepViTBlock(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
-                         attn_drop=attn_drop_rate, drop_path=dpr,
-                         apply_transform=i >= depth - reatten_blocks,
-                         transform_scale=transform_scale, scale_adjustment=scale_adjustment,
-                         name=f"blocks.{i}")(x)
-        if i in indices:
-            features.append(TokensToMap(grid, 1, name=f"feature_{i}")(x))
-    if features_only:
-        return keras.Model(inputs, features, name=name)
+    def block(i, drop_path):
+        return DeepViTBlock(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
+                            attn_drop=attn_drop_rate, drop_path=drop_path,
+                            apply_transform=i >= depth - reatten_blocks,
+                            transform_scale=transform_scale, scale_adjustment=scale_adjustment,
+                            name=f"blocks.{i}")
 
-    x = layer_norm(1e-6, name="norm")(x)
-    pooled = TokenPool("token", 1, name="pool")(x)
-    if not num_classes:
-        return keras.Model(inputs, pooled, name=name)
-    return keras.Model(inputs, dense(num_classes, name="head")(pooled), name=name)
+    # The official head: LayerNorm eps 1e-6, the [CLS] token, no dropout before it.
+    return token_trunk_model(inputs, x, block, depth, grid=grid, num_classes=num_classes,
+                             name=name, drop_path_rate=drop_path_rate,
+                             features_only=features_only, out_indices=out_indices)
 
 
 def _deepvit(name, img_size=224, **defaults):
