@@ -3,10 +3,5 @@
 # the CPU, export SavedModel + an int8 TFLite file to saved_models/, verify it, summarise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e .
+source scripts/setup_venv.sh && setup_venv
 exec .venv/bin/python apps/train.py --flagfile=configs/main_job.flags "$@"
