@@ -91,13 +91,16 @@ def create_model(name, pretrained=None, **kwargs):
     Hugging Face Hub) or a path to a timm/PyTorch/JAX checkpoint; either loads
     strictly. Keyword arguments (num_classes, img_size, in_chans,
     drop_path_rate, features_only, out_indices, ...) override the variant's
-    and the tag's defaults; None leaves the default.
+    and the tag's defaults; None leaves the default. A ``num_classes`` other than
+    the checkpoint's gives a new, freshly initialised classifier on the pretrained
+    body (timm's behaviour for fine-tuning); every other weight loads strictly.
     """
     _import_families()
     model_name, tag = split_tag(name)
     _check_name(model_name)
     fn, cfg = _MODELS[model_name]
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    num_classes = kwargs.get("num_classes")
     if tag is not None or pretrained is True:
         checkpoint_cfg = tag_config(resolve_tag(model_name, tag, cfg["family"]))
         # Fetched before building, so that a missing file fails fast.
@@ -110,7 +113,9 @@ def create_model(name, pretrained=None, **kwargs):
         from keras_vit.convert import load_checkpoint, load_timm_weights
 
         jax = str(pretrained).endswith(".npz")
+        # num_classes asked for: fine-tuning, a new head where the checkpoint's has other classes.
         load_timm_weights(model, load_checkpoint(pretrained), strict=True,
+                          new_classifier=num_classes is not None,
                           interpolation="bilinear" if jax else "bicubic", antialias=not jax)
     return model
 

@@ -151,3 +151,21 @@ def test_tag_table_matches_the_registry():
         assert entry["default_tag"] in entry["tags"] or not entry["tags"], model
         for tag in entry["tags"].values():
             assert tag["hf_hub_id"].startswith("timm/"), tag
+
+
+def test_other_num_classes_keeps_the_pretrained_body_with_a_new_head(hub_cache):
+    """Fine-tuning as with timm: pretrained=True, num_classes=5 loads every weight but the
+    10-class classifier, which keeps its initialisation."""
+    x = np.load(fixture_path("vit", f"{FIXTURE}.npz"))["x"]
+    kwargs = {k: v for k, v in small_kwargs().items() if k != "num_classes"}
+    body = create_model(f"{MODEL}.{DEFAULT_TAG}", pretrained=True, num_classes=0, **kwargs)
+    tuned = create_model(f"{MODEL}.{DEFAULT_TAG}", pretrained=True, num_classes=5, **kwargs)
+    assert tuned.output_shape == (None, 5)
+    for var in tuned.weights:
+        if not var.path.startswith("head/"):
+            ref = next(v for v in body.weights if v.path == var.path)
+            np.testing.assert_array_equal(np.asarray(var), np.asarray(ref))
+    head = tuned.get_layer("head")
+    features = body(x, training=False)
+    expected = np.asarray(features) @ np.asarray(head.kernel) + np.asarray(head.bias)
+    np.testing.assert_allclose(np.asarray(tuned(x, training=False)), expected, atol=1e-5)

@@ -23,6 +23,9 @@ from keras_vit.layers.embedding import (
 IGNORED_SUFFIXES = ("relative_position_index", "attn_mask", "num_batches_tracked")
 # Keys of classifier parts a headless / features_only model does not have.
 HEAD_PREFIXES = ("head.", "head_dist.", "pre_logits.", "fc_norm.", "norm.", "head.fc.")
+# The Linear classifiers of every family (timm's names): what fine-tuning replaces.
+CLASSIFIER_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias",
+                   "head.fc.weight", "head.fc.bias")
 
 _LAYER_CONVERTERS = {}
 
@@ -187,7 +190,8 @@ def to_numpy(value):
     return np.asarray(value)
 
 
-def load_timm_weights(model, state_dict, strict=True, interpolation="bicubic", antialias=True):
+def load_timm_weights(model, state_dict, strict=True, interpolation="bicubic", antialias=True,
+                      new_classifier=False):
     """Loads a timm ``state_dict()`` (Mapping[str, array]) into a keras_vit model.
 
     A features_only model ignores the keys of the stages and head it cut off.
@@ -195,8 +199,11 @@ def load_timm_weights(model, state_dict, strict=True, interpolation="bicubic", a
     checkpoint filter does (bicubic with antialias by default; JAX .npz
     checkpoints use bilinear without, as timm's ``_load_weights``).
     strict=True: missing keys, unexpected keys and shape mismatches raise one
-    ValueError that lists them all, before any weight is assigned. Returns
-    (missing, unexpected) keys.
+    ValueError that lists them all, before any weight is assigned.
+    new_classifier=True: a classifier (``CLASSIFIER_KEYS``) of another number of classes
+    than the model's is left out and the model's keeps its initialisation (timm's head
+    reset for fine-tuning); everything else loads as above. Returns (missing,
+    unexpected) keys.
     """
     state_dict = dict(state_dict)
     for nest in ("model", "state_dict", "model_ema"):
@@ -211,6 +218,9 @@ def load_timm_weights(model, state_dict, strict=True, interpolation="bicubic", a
             missing.append(key)
             continue
         used.add(key)
+        if (new_classifier and key in CLASSIFIER_KEYS
+                and np.shape(state_dict[key])[0] != var.shape[-1]):
+            continue
         try:
             value = convert(to_numpy(state_dict[key]).astype(np.float32))
         except ValueError as e:
