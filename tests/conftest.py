@@ -6,6 +6,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import json  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -19,6 +21,52 @@ def _seed_and_clear():
     keras.utils.set_random_seed(0)
     yield
     keras.backend.clear_session()
+
+
+_PHASE_START = pytest.StashKey[float]()
+
+
+def _cpu_seconds():
+    """CPU time of this process and of its finished subprocesses (the apps the tests run)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report carries its CPU seconds (wall times mislead on a shared machine)."""
+    report = (yield).get_result()
+    now = _cpu_seconds()
+    report.cpu_seconds = now - item.stash.get(_PHASE_START, now)
+    item.stash[_PHASE_START] = now
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    item.stash[_PHASE_START] = _cpu_seconds()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """CPU seconds per test file and the slowest tests by CPU, after --durations' wall times."""
+    per_test, per_file = {}, {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            cpu = getattr(report, "cpu_seconds", None)
+            if cpu is not None and getattr(report, "when", None):
+                per_test[report.nodeid] = per_test.get(report.nodeid, 0.0) + cpu
+                path = report.nodeid.split("::")[0]
+                per_file[path] = per_file.get(path, 0.0) + cpu
+    if not per_test:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("CPU seconds per file (this process and its subprocesses)")
+    for path, cpu in sorted(per_file.items(), key=lambda kv: -kv[1]):
+        write(f"{cpu:8.1f}  {path}")
+    write(f"{sum(per_file.values()):8.1f}  total in tests")
+    write(f"{_cpu_seconds():8.1f}  this pytest process in all (imports and collection too)")
+    terminalreporter.section("slowest 15 tests by CPU seconds")
+    for nodeid, cpu in sorted(per_test.items(), key=lambda kv: -kv[1])[:15]:
+        write(f"{cpu:8.1f}  {nodeid}")
 
 
 def load_fixture_index(family):

@@ -6,11 +6,11 @@ import os
 import keras
 import numpy as np
 
-from conftest import fixture_path, load_param_counts
+from conftest import fixture_path, images, load_param_counts
 from keras_vit.convert import load_checkpoint, load_timm_weights
 from keras_vit.export import export_tflite
 from keras_vit.models.common import count_parameters
-from keras_vit.registry import create_model
+from keras_vit.registry import create_model, get_model_config
 
 
 def build_from_fixture(entry):
@@ -33,14 +33,41 @@ def check_timm_parity(family, name, entry, atol=1e-4):
     return model
 
 
-def check_param_count_equals_timm(family, name):
-    """The full-size variant has timm's default head and exactly timm's parameter count."""
+def create_model_without_weights(name, **kwargs):
+    """A registered model's layers and weight shapes, its weights never initialised.
+
+    For parameter counts of full-size models: the random initialisation of a ViT-L's
+    300 M weights alone costs ~15 s of CPU, the graph under a second. The variables stay
+    uninitialised (the model cannot run); clearing the session drops them from Keras'
+    list of deferred variables, so no later scope initialises them either.
+    """
+    with keras.StatelessScope(initialize_variables=False):
+        model = create_model(name, **kwargs)
+    keras.backend.clear_session()
+    return model
+
+
+def check_param_count_equals_timm(family, name, **cfg):
+    """The full-size variant has timm's default head, exactly timm's parameter count and its
+    config's input size; ``cfg`` lists other config values it must have (crop_pct, mean...)."""
     ref = load_param_counts(family)[name]
-    model = create_model(name)
+    model = create_model_without_weights(name)
     if ref["num_classes"]:
         assert model.output_shape[-1] == ref["num_classes"]
     assert count_parameters(model) == ref["params"], (count_parameters(model), ref["params"])
+    config = get_model_config(name)
+    assert model.input_shape[1:3] == (config["input_size"],) * 2
+    assert {k: config[k] for k in cfg} == cfg
     return model
+
+
+def check_builds_at(builder, kwargs, size):
+    """Built at ``size`` (int or (h, w)), the model maps one image to one row of logits;
+    returns the model and (h, w) for the family's own checks of its resized tables."""
+    h, w = (size, size) if isinstance(size, int) else size
+    model = builder(**dict(kwargs, img_size=size))
+    assert tuple(model(images(1, (h, w))).shape) == (1, kwargs["num_classes"])
+    return model, (h, w)
 
 
 def check_keras_round_trip(model, x, tmp_path):
@@ -61,10 +88,31 @@ def check_tflite_fp32(model, tmp_path, batch_size=1):
     return report
 
 
+def check_variant(model, x, tmp_path, train=False):
+    """A config whose code path the family's smallest config (tests/test_contract.py) lacks:
+    its logits, safe-mode round trip and TFLite; one training step when ``train``."""
+    assert tuple(model(x).shape) == (len(x), model.output_shape[-1])
+    check_keras_round_trip(model, x, tmp_path)
+    report = check_tflite_fp32(model, tmp_path)
+    if train:
+        check_train_step_lowers_loss(model, x, np.arange(len(x)))
+    return report
+
+
 def check_train_step_lowers_loss(model, x, y, lr=1e-3, steps=1):
-    """One AdamW step on a fixed batch lowers the cross-entropy loss."""
+    """One AdamW step on a fixed batch lowers the cross-entropy loss.
+
+    Eagerly: the same gradients and update as a compiled step, without tracing the
+    training graph (~20 s of CPU for a small Swin; graph-mode fit is tests/test_training.py's).
+    A model with BatchNorm first settles its moving statistics on the batch, so that the
+    eval-mode loss measures the optimizer step rather than the statistics' first updates.
+    """
+    if any(isinstance(layer, keras.layers.BatchNormalization) for layer in model._flatten_layers()):
+        for _ in range(20):  # momentum 0.9 (torch's 0.1): 12% of the initial statistics left
+            model(x, training=True)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    model.compile(optimizer=keras.optimizers.AdamW(lr, weight_decay=0.05), loss=loss_fn)
+    model.compile(optimizer=keras.optimizers.AdamW(lr, weight_decay=0.05), loss=loss_fn,
+                  run_eagerly=True)
     before = float(model.evaluate(x, y, verbose=0, batch_size=len(x)))
     for _ in range(steps):
         model.train_on_batch(x, y)

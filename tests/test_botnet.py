@@ -4,11 +4,10 @@ import pytest
 import keras_vit
 from conftest import fixture_path, images, load_fixture_index, load_param_counts
 from helpers import (
-    build_from_fixture,
+    check_builds_at,
     check_keras_round_trip,
-    check_tflite_fp32,
     check_timm_parity,
-    check_train_step_lowers_loss,
+    create_model_without_weights,
 )
 from keras_vit.convert import load_checkpoint, load_timm_weights
 from keras_vit.models.botnet import botnet
@@ -33,7 +32,7 @@ def test_timm_parity(name):
 def test_timm_variant_parameter_count_equals_timm(name):
     ref = load_param_counts("botnet")
     assert sorted(ref) == ["botnet26t_256", "botnet50ts_256"]
-    model = keras_vit.create_model(name)
+    model = create_model_without_weights(name)
     assert trainable_params(model) == ref[name]["params"]  # 12,488,672 and 22,742,688
     assert model.output_shape[-1] == ref[name]["num_classes"]
     cfg = keras_vit.get_model_config(name)
@@ -46,7 +45,7 @@ def test_timm_variant_parameter_count_equals_timm(name):
 # BatchNorm and relative-position weight (the authors' counting script leaves them out).
 @pytest.mark.parametrize("name, paper_m", [("botnet_s1_50", 20.8), ("botnet_s1_59", 33.5)])
 def test_s1_parameter_count_matches_paper(name, paper_m):
-    model = keras_vit.create_model(name)
+    model = create_model_without_weights(name)
     ours = trainable_params(model)
     assert abs(ours / (paper_m * 1e6) - 1) <= 0.005, ours
     assert model.input_shape[1:3] == (224, 224)
@@ -55,38 +54,16 @@ def test_s1_parameter_count_matches_paper(name, paper_m):
     assert attn.feat_size == (14, 14) and attn.stride == 1
 
 
-def test_contract_on_tiny_config(tmp_path):
-    model = botnet(**TINY)
-    x = images(4, 64)
-    assert tuple(model(x).shape) == (4, 5)
-    check_keras_round_trip(model, x, tmp_path)
-    check_tflite_fp32(model, tmp_path)
-
-
+# TINY (botnet26t's layout) is test_contract.py's botnet case, trained there too.
 def test_round_trip_s1_se_config(tmp_path):
     model = botnet(**TINY_S1_SE)
     assert model.get_layer("stages.3.1.attn_last.fc1").kernel.shape == (1, 1, 128, 8)
     check_keras_round_trip(model, images(2, 64), tmp_path)
 
 
-def test_train_step_lowers_loss():
-    # Two stages only (a bottleneck and a stride-2 attention block): the step compiles fast.
-    model = botnet(stages=[[["bottle"], 32, 1, 0.25], [["self_attn"], 64, 2, 0.25]],
-                   stem_chs=16, img_size=32, num_classes=5, se_ratio=0.0625)
-    x = images(4, 32)
-    # Settle BatchNorm's moving statistics on the batch first, so that the eval-mode loss
-    # measures the optimizer step rather than the statistics' first updates.
-    for _ in range(50):
-        model(x, training=True)
-    before, after = check_train_step_lowers_loss(model, x, np.array([0, 1, 2, 3]))
-    print(f"loss {before:.4f} -> {after:.4f}")
-
-
 @pytest.mark.parametrize("size", [96, (64, 96)])
 def test_any_valid_size(size):
-    model = botnet(**dict(TINY, img_size=size))
-    h, w = (size, size) if isinstance(size, int) else size
-    assert tuple(model(images(1, (h, w))).shape) == (1, 5)
+    model, (h, w) = check_builds_at(botnet, TINY, size)
     # As timm: the relative tables are made for the feature map of this size.
     pos = model.get_layer("stages.3.1.self_attn").pos_embed
     assert tuple(pos.height_rel.shape) == (2 * (h // 32) - 1, 8)

@@ -11,12 +11,7 @@ import pytest
 
 import keras_vit
 from conftest import fixture_path, images, load_fixture_index
-from helpers import (
-    check_keras_round_trip,
-    check_tflite_fp32,
-    check_timm_parity,
-    check_train_step_lowers_loss,
-)
+from helpers import check_builds_at, check_timm_parity, check_variant, create_model_without_weights
 from keras_vit.convert import load_checkpoint, load_timm_weights
 from keras_vit.models.deepvit import deep_vision_transformer
 
@@ -42,7 +37,7 @@ def test_official_parity(name):
 @pytest.mark.parametrize("name", sorted(OFFICIAL_COUNTS))
 def test_full_size_parameter_count_equals_official(name):
     ref = OFFICIAL_COUNTS[name]
-    model = keras_vit.create_model(name)
+    model = create_model_without_weights(name)
     assert model.output_shape[-1] == ref["num_classes"]
     assert count_like_torch(model) == ref["params"], (count_like_torch(model), ref["params"])
     cfg = keras_vit.get_model_config(name)
@@ -60,17 +55,10 @@ def test_every_official_variant_is_registered():
     assert keras_vit.list_models("deepvit*") == sorted(OFFICIAL_COUNTS)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(TINY, use_cnn_embed=True, transform_scale=True, scale_adjustment=0.5),
-    dict(TINY, reatten_blocks=None),
-])
-def test_contract_on_tiny_config(kwargs, tmp_path):
-    model = deep_vision_transformer(**kwargs)
-    x = images(4, 32)
-    assert tuple(model(x).shape) == (4, 5)
-    check_keras_round_trip(model, x, tmp_path)
-    check_tflite_fp32(model, tmp_path)
-    check_train_step_lowers_loss(model, x, np.array([0, 1, 2, 3]))
+def test_re_attention_in_every_block(tmp_path):
+    # DeepViT-S's CNN embedding and transform_scale are test_contract.py's deepvit case.
+    check_variant(deep_vision_transformer(**dict(TINY, reatten_blocks=None)), images(4, 32),
+                  tmp_path, train=True)
 
 
 def test_training_updates_the_head_batch_norm_statistics():
@@ -83,9 +71,7 @@ def test_training_updates_the_head_batch_norm_statistics():
 
 @pytest.mark.parametrize("size", [48, (32, 64)])
 def test_any_valid_size(size):
-    model = deep_vision_transformer(**dict(TINY, img_size=size, use_cnn_embed=True))
-    h, w = (size, size) if isinstance(size, int) else size
-    assert tuple(model(images(1, (h, w))).shape) == (1, 5)
+    model, (h, w) = check_builds_at(deep_vision_transformer, dict(TINY, use_cnn_embed=True), size)
     assert model.get_layer("pos_embed").pos_embed.shape[1] == 1 + (h // 8) * (w // 8)
 
 

@@ -4,15 +4,15 @@ import pytest
 import keras_vit
 from conftest import fixture_path, images, load_fixture_index, load_param_counts
 from helpers import (
-    check_keras_round_trip,
+    check_builds_at,
     check_param_count_equals_timm,
-    check_tflite_fp32,
     check_timm_parity,
-    check_train_step_lowers_loss,
+    check_variant,
 )
 from keras_vit.convert import load_checkpoint, load_timm_weights
 from keras_vit.models.pit import pooling_vision_transformer
 from keras_vit.models.vit import distilled_inference_model
+from keras_vit.registry import IMAGENET_MEAN, IMAGENET_STD
 
 FIXTURES = load_fixture_index("pit")
 TINY = dict(img_size=32, patch_size=8, stride=4, base_dims=(8, 8, 8), depth=(1, 1, 1),
@@ -26,11 +26,8 @@ def test_timm_parity(name):
 
 @pytest.mark.parametrize("name", sorted(load_param_counts("pit")))
 def test_full_size_parameter_count_equals_timm(name):
-    model = check_param_count_equals_timm("pit", name)
-    cfg = keras_vit.get_model_config(name)
-    assert model.input_shape[1:3] == (cfg["input_size"],) * 2
-    assert (cfg["crop_pct"], cfg["interpolation"]) == (0.9, "bicubic")
-    assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
+    check_param_count_equals_timm("pit", name, crop_pct=0.9, interpolation="bicubic",
+                                  mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def test_every_registered_pit_has_a_timm_count():
@@ -38,21 +35,15 @@ def test_every_registered_pit_has_a_timm_count():
     assert len(keras_vit.list_models("pit_*distilled*")) == 4
 
 
-def test_contract_on_tiny_config(tmp_path):
-    # The distilled model has every layer of the plain one, plus the second token and head.
+def test_distilled_round_trip_tflite_and_training(tmp_path):
+    # The plain model is test_contract.py's pit case; this adds the second token and head.
     model = pooling_vision_transformer(**dict(TINY, distilled=True))
-    x = images(4, 32)
-    assert tuple(model(x).shape) == (4, 5)
-    check_keras_round_trip(model, x, tmp_path)
-    check_tflite_fp32(model, tmp_path)
-    check_train_step_lowers_loss(model, x, np.array([0, 1, 2, 3]))
+    check_variant(model, images(4, 32), tmp_path, train=True)
 
 
 @pytest.mark.parametrize("size", [32, (40, 24), 48])
 def test_any_valid_size(size):
-    model = pooling_vision_transformer(**dict(TINY, img_size=size))
-    h, w = (size, size) if isinstance(size, int) else size
-    assert tuple(model(images(1, (h, w))).shape) == (1, 5)
+    model, (h, w) = check_builds_at(pooling_vision_transformer, TINY, size)
     grid = ((h - 8) // 4 + 1, (w - 8) // 4 + 1)
     assert tuple(model.get_layer("pos_embed").pos_embed.shape) == (1,) + grid + (16,)
 

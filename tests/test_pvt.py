@@ -9,11 +9,12 @@ import keras_vit
 from conftest import fixture_path, images, load_fixture_index, load_param_counts
 from helpers import (
     build_from_fixture,
+    check_builds_at,
     check_keras_round_trip,
     check_param_count_equals_timm,
-    check_tflite_fp32,
     check_timm_parity,
-    check_train_step_lowers_loss,
+    check_variant,
+    create_model_without_weights,
 )
 from keras_vit.convert import load_checkpoint, load_timm_weights
 from keras_vit.convert.pvt import pvt_v2_official_to_timm
@@ -52,13 +53,12 @@ def test_v2_official_checkpoint_parity(name):
 
 @pytest.mark.parametrize("name", sorted(load_param_counts("pvt")))
 def test_v2_full_size_parameter_count_equals_timm(name):
-    model = check_param_count_equals_timm("pvt", name)
-    assert model.input_shape[1:3] == (224, 224)
+    check_param_count_equals_timm("pvt", name, input_size=224)
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
 def test_v1_full_size_parameter_count_equals_official(name):
-    model = keras_vit.create_model(name)
+    model = create_model_without_weights(name)
     ref = official_counts()[name]
     assert model.output_shape[-1] == ref["num_classes"]
     assert model.count_params() == ref["params"]
@@ -73,20 +73,12 @@ def test_registered_variants():
         assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
 
 
-# v1 covers the strided-conv reduction, position embeddings and [CLS]; v2-Li the
-# overlapping embeddings, the depthwise-conv FFN and the pooled reduction.
-@pytest.mark.parametrize("builder,kwargs", [
-    (pyramid_vision_transformer, V1_TINY),
-    (pyramid_vision_transformer_v2, dict(V2_TINY, linear=True, img_size=(32, 64))),
-], ids=["v1", "v2_li"])
-def test_contract_on_tiny_config(builder, kwargs, tmp_path):
-    model = builder(**kwargs)
-    size = kwargs["img_size"]
-    x = images(4, size)
-    assert tuple(model(x).shape) == (4, 5)
-    check_keras_round_trip(model, x, tmp_path)
-    check_tflite_fp32(model, tmp_path)
-    check_train_step_lowers_loss(model, x, np.array([0, 1, 2, 3]))
+def test_v2_linear_pooled_reduction(tmp_path):
+    # v1 (strided-conv reduction, position embeddings, [CLS]) and v2 (overlapping
+    # embeddings, depthwise-conv FFN) are test_contract.py's pvt and pvt_v2 cases;
+    # v2-Li adds the pooled reduction.
+    model = pyramid_vision_transformer_v2(**dict(V2_TINY, linear=True, img_size=(32, 64)))
+    check_variant(model, images(4, (32, 64)), tmp_path, train=True)
 
 
 @pytest.mark.parametrize("builder,tiny", [(pyramid_vision_transformer, V1_TINY),
@@ -94,9 +86,7 @@ def test_contract_on_tiny_config(builder, kwargs, tmp_path):
                          ids=["v1", "v2"])
 @pytest.mark.parametrize("size", [64, (32, 96)])
 def test_any_valid_size(builder, tiny, size):
-    model = builder(**dict(tiny, img_size=size))
-    h, w = (size, size) if isinstance(size, int) else size
-    assert tuple(model(images(1, (h, w))).shape) == (1, 5)
+    check_builds_at(builder, tiny, size)
 
 
 @pytest.mark.parametrize("name", ["pvt_v2_b0", "pvt_tiny"])

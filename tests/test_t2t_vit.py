@@ -11,12 +11,7 @@ import pytest
 
 import keras_vit
 from conftest import fixture_path, images, load_fixture_index
-from helpers import (
-    check_keras_round_trip,
-    check_tflite_fp32,
-    check_timm_parity,
-    check_train_step_lowers_loss,
-)
+from helpers import check_builds_at, check_timm_parity, check_variant, create_model_without_weights
 from keras_vit.convert import load_checkpoint, load_timm_weights
 from keras_vit.layers import sinusoid_table
 from keras_vit.models.t2t_vit import SoftSplit, t2t_vit, token_grid
@@ -50,7 +45,7 @@ def test_sinusoid_table_is_the_official_formula():
 @pytest.mark.parametrize("name", sorted(OFFICIAL_COUNTS))
 def test_full_size_parameter_count_equals_official(name):
     ref = OFFICIAL_COUNTS[name]
-    model = keras_vit.create_model(name)
+    model = create_model_without_weights(name)
     assert model.output_shape[-1] == ref["num_classes"]
     # The official count includes its requires_grad=False parameters (the position
     # embedding and the Performer's w); both are non-trainable weights here.
@@ -81,21 +76,15 @@ def test_soft_split_is_torch_unfold_order():
     np.testing.assert_array_equal(out[0], ref)
 
 
-@pytest.mark.parametrize("tokens_type", ["performer", "transformer"])
-def test_contract_on_tiny_config(tokens_type, tmp_path):
-    model = t2t_vit(**dict(TINY, tokens_type=tokens_type))
-    x = images(4, 32)
-    assert tuple(model(x).shape) == (4, 5)
-    check_keras_round_trip(model, x, tmp_path)
-    check_tflite_fp32(model, tmp_path)
-    check_train_step_lowers_loss(model, x, np.array([0, 1, 2, 3]))
+def test_transformer_tokens_to_token(tmp_path):
+    # The Performer variant is test_contract.py's t2t_vit case.
+    check_variant(t2t_vit(**dict(TINY, tokens_type="transformer")), images(4, 32), tmp_path,
+                  train=True)
 
 
 @pytest.mark.parametrize("size", [48, (32, 64)])
 def test_any_valid_size(size):
-    model = t2t_vit(**dict(TINY, img_size=size))
-    h, w = (size, size) if isinstance(size, int) else size
-    assert tuple(model(images(1, (h, w))).shape) == (1, 5)
+    model, (h, w) = check_builds_at(t2t_vit, TINY, size)
     assert token_grid(h, w) == (h // 16, w // 16)
     assert model.get_layer("pos_embed").pos_embed.shape[1] == 1 + (h // 16) * (w // 16)
 

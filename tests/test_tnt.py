@@ -1,17 +1,16 @@
-import numpy as np
 import pytest
 
 import keras_vit
 from conftest import fixture_path, images, load_fixture_index, load_param_counts
 from helpers import (
-    check_keras_round_trip,
+    check_builds_at,
     check_param_count_equals_timm,
-    check_tflite_fp32,
     check_timm_parity,
-    check_train_step_lowers_loss,
+    check_variant,
 )
 from keras_vit.convert import load_checkpoint, load_timm_weights
 from keras_vit.models.tnt import transformer_in_transformer
+from keras_vit.registry import INCEPTION_MEAN, INCEPTION_STD
 
 FIXTURES = load_fixture_index("tnt")
 TINY = dict(img_size=32, patch_size=16, embed_dim=16, inner_dim=8, depth=1, num_heads_inner=2,
@@ -25,11 +24,8 @@ def test_timm_parity(name):
 
 @pytest.mark.parametrize("name", sorted(load_param_counts("tnt")))
 def test_full_size_parameter_count_equals_timm(name):
-    model = check_param_count_equals_timm("tnt", name)
-    cfg = keras_vit.get_model_config(name)
-    assert model.input_shape[1:3] == (cfg["input_size"],) * 2
-    assert (cfg["crop_pct"], cfg["interpolation"]) == (0.9, "bicubic")
-    assert cfg["mean"] == (0.5, 0.5, 0.5) and cfg["std"] == (0.5, 0.5, 0.5)
+    model = check_param_count_equals_timm("tnt", name, crop_pct=0.9, interpolation="bicubic",
+                                          mean=INCEPTION_MEAN, std=INCEPTION_STD)
     # timm 1.0.31: tnt_s/b_patch16_224 are legacy=False; only *_legacy_* is the old layout.
     assert model.get_layer("blocks.0").legacy == ("legacy" in name)
 
@@ -38,22 +34,14 @@ def test_every_registered_tnt_has_a_timm_count():
     assert sorted(load_param_counts("tnt")) == keras_vit.list_models("tnt_*")
 
 
-@pytest.mark.parametrize("legacy", [False, True])
-def test_contract_on_tiny_config(legacy, tmp_path):
-    model = transformer_in_transformer(**dict(TINY, legacy=legacy))
-    x = images(4, 32)
-    assert tuple(model(x).shape) == (4, 5)
-    check_keras_round_trip(model, x, tmp_path)
-    check_tflite_fp32(model, tmp_path)
-    if not legacy:
-        check_train_step_lowers_loss(model, x, np.array([0, 1, 2, 3]))
+def test_legacy_layout_round_trip_and_tflite(tmp_path):
+    # The current layout (legacy=False) is test_contract.py's tnt case.
+    check_variant(transformer_in_transformer(**dict(TINY, legacy=True)), images(4, 32), tmp_path)
 
 
 @pytest.mark.parametrize("size", [32, (48, 16), 64])
 def test_any_valid_size(size):
-    model = transformer_in_transformer(**dict(TINY, img_size=size))
-    h, w = (size, size) if isinstance(size, int) else size
-    assert tuple(model(images(1, (h, w))).shape) == (1, 5)
+    model, (h, w) = check_builds_at(transformer_in_transformer, TINY, size)
     assert model.get_layer("patch_pos").pos_embed.shape[1] == 1 + (h // 16) * (w // 16)
 
 

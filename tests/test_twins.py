@@ -1,16 +1,15 @@
-import numpy as np
 import pytest
 
 import keras_vit
 from conftest import images, load_fixture_index, load_param_counts
 from helpers import (
-    check_keras_round_trip,
+    check_builds_at,
     check_param_count_equals_timm,
-    check_tflite_fp32,
     check_timm_parity,
-    check_train_step_lowers_loss,
+    check_variant,
 )
 from keras_vit.models.twins import twins
+from keras_vit.registry import IMAGENET_MEAN, IMAGENET_STD
 
 FIXTURES = load_fixture_index("twins")
 TINY = dict(patch_size=4, embed_dims=(8, 16, 16, 24), num_heads=(1, 2, 2, 3),
@@ -25,34 +24,22 @@ def test_timm_parity(name):
 
 @pytest.mark.parametrize("name", sorted(load_param_counts("twins")))
 def test_full_size_parameter_count_equals_timm(name):
-    model = check_param_count_equals_timm("twins", name)
-    cfg = keras_vit.get_model_config(name)
-    assert model.input_shape[1:3] == (224, 224)
-    assert (cfg["input_size"], cfg["crop_pct"], cfg["interpolation"]) == (224, 0.9, "bicubic")
-    assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
+    check_param_count_equals_timm("twins", name, input_size=224, crop_pct=0.9,
+                                  interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def test_every_registered_twins_has_a_timm_count():
     assert sorted(load_param_counts("twins")) == keras_vit.list_models("twins*")
 
 
-@pytest.mark.parametrize("kwargs,train", [(TINY, False), (TINY_SVT, True)], ids=["pcpvt", "svt"])
-def test_contract_on_tiny_config(kwargs, train, tmp_path):
-    # 64 px: every SVT stage grid (16, 8, 4, 2) is padded to a multiple of the window 3.
-    model = twins(img_size=64, **kwargs)
-    x = images(4, 64)
-    assert tuple(model(x).shape) == (4, 5)
-    check_keras_round_trip(model, x, tmp_path)
-    check_tflite_fp32(model, tmp_path)
-    if train:  # SVT has every layer PCPVT has (GSA, PEG, patch embeds) plus LSA: train it once
-        check_train_step_lowers_loss(model, x, np.array([0, 1, 2, 3]))
+def test_pcpvt_round_trip_and_tflite(tmp_path):
+    # SVT (every layer PCPVT has, plus LSA; trained there) is test_contract.py's twins case.
+    check_variant(twins(img_size=64, **TINY), images(4, 64), tmp_path)
 
 
 @pytest.mark.parametrize("size", [32, (64, 96), 128])
 def test_any_valid_size(size):
-    model = twins(img_size=size, **TINY_SVT)
-    h, w = (size, size) if isinstance(size, int) else size
-    assert tuple(model(images(1, (h, w))).shape) == (1, 5)
+    check_builds_at(twins, TINY_SVT, size)  # windows of 3 on grids of 1 to 8
 
 
 def test_invalid_size_names_valid_neighbours():
@@ -74,8 +61,3 @@ def test_features_only_returns_stage_maps():
     model = twins(img_size=64, features_only=True, out_indices=(1, 2), **TINY)
     assert [tuple(f.shape) for f in model(images(1, 64))] == [(1, 8, 8, 16), (1, 4, 4, 16)]
     assert not any(l.name.startswith(("blocks.3", "norm", "head")) for l in model.layers)
-
-
-def test_headless_model_returns_pooled_features():
-    model = twins(img_size=64, **dict(TINY, num_classes=0))
-    assert tuple(model(images(2, 64)).shape) == (2, 24)

@@ -8,11 +8,10 @@ from conftest import images, load_fixture_index, load_param_counts
 from conftest import fixture_path as _fixture_path
 from helpers import (
     build_from_fixture,
-    check_keras_round_trip,
+    check_builds_at,
     check_param_count_equals_timm,
-    check_tflite_fp32,
     check_timm_parity,
-    check_train_step_lowers_loss,
+    check_variant,
 )
 from keras_vit.convert import load_checkpoint, load_timm_weights
 from keras_vit.models.vit import distilled_inference_model, vision_transformer
@@ -40,9 +39,7 @@ def test_pretrained_path_loads_npz_through_create_model():
 
 @pytest.mark.parametrize("name", sorted(load_param_counts("vit")))
 def test_full_size_parameter_count_equals_timm(name):
-    model = check_param_count_equals_timm("vit", name)
-    cfg = keras_vit.get_model_config(name)
-    assert model.input_shape[1:3] == (cfg["input_size"],) * 2
+    check_param_count_equals_timm("vit", name)
 
 
 def test_every_registered_vit_has_a_timm_count():
@@ -51,26 +48,18 @@ def test_every_registered_vit_has_a_timm_count():
     assert sorted(load_param_counts("vit")) == ours
 
 
+# The plain and the distilled model are test_contract.py's vit and deit cases.
 @pytest.mark.parametrize("kwargs", [
-    dict(TINY),
     dict(TINY, class_token=False, global_pool="avg"),
-    dict(TINY, distilled=True),
     dict(TINY, representation_size=16, norm_first=False, init_values=1e-5),
 ])
-def test_contract_on_tiny_config(kwargs, tmp_path):
-    model = vision_transformer(**kwargs)
-    x = images(4, 32)
-    assert tuple(model(x).shape) == (4, 5)
-    check_keras_round_trip(model, x, tmp_path)
-    check_tflite_fp32(model, tmp_path)
-    check_train_step_lowers_loss(model, x, np.array([0, 1, 2, 3]))
+def test_variant_configs(kwargs, tmp_path):
+    check_variant(vision_transformer(**kwargs), images(4, 32), tmp_path, train=True)
 
 
 @pytest.mark.parametrize("size", [32, (48, 24), 64])
 def test_any_valid_size(size):
-    model = vision_transformer(**dict(TINY, img_size=size))
-    h, w = (size, size) if isinstance(size, int) else size
-    assert tuple(model(images(1, (h, w))).shape) == (1, 5)
+    model, (h, w) = check_builds_at(vision_transformer, TINY, size)
     assert model.get_layer("pos_embed").pos_embed.shape[1] == 1 + (h // 8) * (w // 8)
 
 

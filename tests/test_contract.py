@@ -1,0 +1,106 @@
+"""The contract of docs/DESIGN.md, checked once for every registered family.
+
+Each case of tests/families.py (the smallest fast config of a family) is built once per
+case and checked for: its output at the configured size, any other valid size (non-square
+too) and a ValueError naming the valid sizes for an invalid one, a safe-mode `.keras`
+round trip with identical outputs, builtin-only fp32 TFLite matching Keras, one training
+step lowering the loss, a headless model's pooled features, and features_only maps. A
+family registered without a case fails here: add it to tests/families.py. What is special
+to a family (parity with its reference, parameter counts, its quirks) stays in
+tests/test_<family>.py.
+"""
+
+import re
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import images
+from families import SMALLEST, build_smallest, registered_families, smallest_input
+from helpers import check_keras_round_trip, check_tflite_fp32, check_train_step_lowers_loss
+
+CASES = sorted(set(SMALLEST) | set(registered_families()))
+BATCH = 4  # one sample per class of the training check: labels 0..3
+
+
+@pytest.fixture(scope="module", params=CASES)
+def case(request):
+    if request.param not in SMALLEST:
+        pytest.fail(f"family {request.param!r} has no smallest config: add it to "
+                    "tests/families.py SMALLEST")
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model(case):
+    """One model per case for the whole module: building and tracing are the costly part."""
+    keras.utils.set_random_seed(0)
+    return build_smallest(case)
+
+
+@pytest.fixture(scope="module")
+def x(case):
+    return smallest_input(case, batch=BATCH)
+
+
+def _size(case):
+    size = SMALLEST[case][1]["img_size"]
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _num_classes(case):
+    return SMALLEST[case][1]["num_classes"]
+
+
+def test_output_at_the_configured_size(case, model, x):
+    assert model.input_shape[1:] == (*_size(case), 3)
+    out = np.asarray(model(x, training=False))
+    assert out.shape == (BATCH, _num_classes(case))
+    assert np.isfinite(out).all()
+
+
+def test_invalid_size_names_valid_sizes_and_those_build(case):
+    """One pixel more than the configured size is invalid for every family (all have a
+    patch or network stride > 1); the error's neighbours are valid, non-square too."""
+    h, w = _size(case)
+    with pytest.raises(ValueError, match=r"valid neighbours: \d+ or \d+") as error:
+        build_smallest(case, img_size=h + 1)
+    below, above = (int(n) for n in re.search(r"valid neighbours: (\d+) or (\d+)",
+                                              str(error.value)).groups())
+    assert below <= h < above
+    model = build_smallest(case, img_size=(above, w))
+    assert model.input_shape[1:3] == (above, w)
+    out = model(images(1, (above, w)))
+    assert tuple(out.shape) == (1, _num_classes(case))
+
+
+def test_keras_round_trip_in_safe_mode(model, x, tmp_path):
+    check_keras_round_trip(model, x, tmp_path)
+
+
+def test_tflite_builtin_ops_match_keras(model, tmp_path):
+    check_tflite_fp32(model, tmp_path)
+
+
+def test_headless_model_returns_pooled_features(case):
+    features = build_smallest(case, num_classes=0)(smallest_input(case))
+    assert len(features.shape) == 2 and features.shape[0] == 2
+
+
+def test_features_only_returns_maps_and_checks_out_indices(case):
+    model = build_smallest(case, features_only=True, out_indices=(0,))  # smallest: 1 block
+    h, w = _size(case)
+    maps = model(smallest_input(case))
+    maps = maps if isinstance(maps, (list, tuple)) else [maps]
+    for fmap in maps:  # NHWC maps, smaller than the input
+        assert len(fmap.shape) == 4 and fmap.shape[0] == 2, fmap.shape
+        assert fmap.shape[1] < h and fmap.shape[2] < w, fmap.shape
+    with pytest.raises(ValueError, match="out index"):
+        build_smallest(case, features_only=True, out_indices=(99,))
+
+
+# Last: it changes the module's model's weights.
+def test_one_training_step_lowers_the_loss(model, x):
+    # lr 1e-4: at 1e-3 the step overshoots on BoTNet's BatchNorm-heavy stages.
+    check_train_step_lowers_loss(model, x, np.arange(BATCH), lr=1e-4)
