@@ -165,3 +165,87 @@ def test_batch_size_is_fixed_in_the_file(small_vit, tmp_path):
     from keras_vit.export.tflite import LiteRTRunner
 
     assert list(LiteRTRunner(path).inputs[0]["shape"]) == [4, 32, 32, 3]
+
+
+# --- multi-output and multi-input models -------------------------------------------------
+
+PVT_FEATURES = dict(img_size=64, embed_dims=(8, 16, 24, 32), num_heads=(1, 2, 2, 4),
+                    mlp_ratios=(2, 2, 2, 2), depths=(1, 1, 1, 1), features_only=True)
+
+
+def test_features_only_pyramid_is_verified_per_output(tmp_path):
+    from keras_vit.models.pvt import pyramid_vision_transformer_v2
+
+    keras.utils.set_random_seed(0)
+    model = pyramid_vision_transformer_v2(**PVT_FEATURES)
+    report = export_tflite(model, os.path.join(tmp_path, "pyramid.tflite"), batch_size=2)
+    # One row per stage map, in the Keras output order (TFLite lists them in another order).
+    assert list(report["outputs"]) == [f"output_{i}" for i in range(4)]
+    assert [r["shape"] for r in report["outputs"].values()] == [
+        [8, 16, 16, 8], [8, 8, 8, 16], [8, 4, 4, 24], [8, 2, 2, 32]]
+    for row in report["outputs"].values():
+        assert row["relative_diff"] <= 1e-4 and "top1_agreement" not in row
+    assert report["top1_agreement"] is None
+    assert report["relative_diff"] == max(r["relative_diff"] for r in report["outputs"].values())
+
+
+def detection_like(boxes_scale=1.0, seed=0):
+    """Two named inputs (an image and an auxiliary vector), dict outputs as detection heads
+    return them (boxes per query, class scores); "pred_boxes" sorts after "logits" but is
+    built first."""
+    keras.utils.set_random_seed(seed)
+    image, aux = keras.Input((16, 16, 3), name="image"), keras.Input((5,), name="aux")
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3)(image))
+    boxes = keras.layers.Reshape((3, 4))(keras.layers.Dense(12, name="boxes")(pooled))
+    boxes = keras.layers.Rescaling(boxes_scale)(boxes)
+    logits = keras.layers.Dense(6, name="logits")(keras.layers.Concatenate()([pooled, aux]))
+    return keras.Model({"image": image, "aux": aux}, {"pred_boxes": boxes, "logits": logits})
+
+
+def test_dict_outputs_and_named_inputs_are_verified(tmp_path):
+    model = detection_like()
+    rng = np.random.default_rng(0)
+    data = {"image": rng.standard_normal((8, 16, 16, 3)).astype(np.float32),
+            "aux": rng.standard_normal((8, 5)).astype(np.float32)}
+    path = os.path.join(tmp_path, "det.tflite")
+    report = export_tflite(model, path, representative_data=[data])
+    assert set(report["outputs"]) == {"logits", "pred_boxes"}
+    assert report["outputs"]["logits"]["shape"] == [8, 6]
+    assert report["outputs"]["pred_boxes"]["shape"] == [8, 3, 4]
+    assert report["outputs"]["logits"]["top1_agreement"] == 1.0
+    assert "top1_agreement" not in report["outputs"]["pred_boxes"]  # not class scores
+    assert report["relative_diff"] <= 1e-4
+    # Fed by name: the file's inputs are the Keras input names, whatever their order.
+    from keras_vit.export.tflite import LiteRTRunner
+
+    runner = LiteRTRunner(path)
+    assert sorted(runner.named_inputs) == ["aux", "image"]
+    one = {k: v[:1] for k, v in data.items()}
+    logits, boxes = runner(aux=one["aux"], image=one["image"])  # flattened: sorted keys
+    expected = model(one)
+    np.testing.assert_allclose(logits, np.asarray(expected["logits"]), atol=1e-5)
+    np.testing.assert_allclose(boxes, np.asarray(expected["pred_boxes"]), atol=1e-5)
+
+
+def test_a_wrong_output_fails_verification(tmp_path, monkeypatch):
+    """A file whose boxes head disagrees with Keras (the weights of a model scaled by 1.01
+    there, the logits identical) fails on that output alone and is not written."""
+    model = detection_like()
+    wrong = detection_like(boxes_scale=1.01)
+    wrong.set_weights(model.get_weights())
+    path = os.path.join(tmp_path, "det.tflite")
+    real_convert = tflite_module.convert
+    monkeypatch.setattr(tflite_module, "convert", lambda m, *a: real_convert(wrong, *a))
+    with pytest.raises(TFLiteExportError, match=r"output 'pred_boxes' differs") as error:
+        export_tflite(model, path)
+    assert "'logits'" not in str(error.value) and "file not written" in str(error.value)
+    assert not os.path.exists(path)
+    # The same file verified against the model it came from passes: the check is the outputs.
+    monkeypatch.undo()
+    rng = np.random.default_rng(1)
+    inputs = {"image": rng.standard_normal((2, 16, 16, 3)).astype(np.float32),
+              "aux": rng.standard_normal((2, 5)).astype(np.float32)}
+    export_tflite(wrong, path)
+    report = verify_tflite(path, model, inputs)
+    assert report["outputs"]["logits"]["relative_diff"] <= 1e-5
+    assert 1e-3 < report["outputs"]["pred_boxes"]["relative_diff"] < 2e-2

@@ -12,6 +12,12 @@ def input_specs(model, batch_size=None):
             for t in model.inputs]
 
 
+def call_on_inputs(model, arrays):
+    """``model`` in inference on ``arrays``, one per input in ``model.inputs`` order, packed
+    as the model takes its inputs (a tensor, a list, or a dict by name)."""
+    return model(keras.tree.pack_sequence_as(model.input, list(arrays)), training=False)
+
+
 def export_saved_model(model, path, batch_size=None):
     """Writes ``model`` as a SavedModel at ``path`` (atomically; an existing export survives a
     failure). Signatures ``serve`` and ``serving_default`` take the model's inputs (images,
@@ -20,8 +26,7 @@ def export_saved_model(model, path, batch_size=None):
     with atomic_path(path, directory=True) as tmp:
         archive = keras.export.ExportArchive()
         archive.track(model)
-        fn = (lambda x: model(x, training=False)) if len(specs) == 1 else \
-            (lambda *xs: model(list(xs), training=False))
-        archive.add_endpoint("serve", fn, input_signature=specs)
+        archive.add_endpoint("serve", lambda *xs: call_on_inputs(model, xs),
+                             input_signature=specs)
         archive.write_out(tmp, verbose=False)
     return path

@@ -8,7 +8,7 @@ import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
 from keras_vit.export.atomic import atomic_path
-from keras_vit.export.saved_model import input_specs
+from keras_vit.export.saved_model import call_on_inputs, input_specs
 
 QUANTIZATION_MODES = ("none", "float16", "dynamic", "int8")
 
@@ -16,19 +16,35 @@ QUANTIZATION_MODES = ("none", "float16", "dynamic", "int8")
 # float modes; top-1 agreement on the representative data for integer modes).
 FLOAT_TOLERANCE = {"none": 1e-4, "float16": 1e-2}
 MIN_TOP1_AGREEMENT = {"dynamic": 0.9, "int8": 0.9}
+# Integer modes, outputs that are not class scores (feature maps, boxes): the largest
+# difference relative to the output's scale (a small random PVT v2 pyramid measured up to
+# 0.05 dynamic, 0.20 int8 on its first stage).
+MAX_QUANTIZED_RELATIVE_DIFF = {"dynamic": 0.1, "int8": 0.3}
 
 
 class TFLiteExportError(RuntimeError):
     """The converter needed non-builtin ops, or the exported file disagrees with Keras."""
 
 
-def _as_batches(data, batch_size):
-    """Representative data (array or iterable of arrays/lists) as a list of per-input batches."""
+def input_names(model):
+    """The model's input names, in its input order: the TFLite file's input names."""
+    return [spec.name for spec in input_specs(model)]
+
+
+def _as_batches(data, batch_size, names=None):
+    """Representative data as a list of per-input batches (lists in the model's input order).
+
+    ``data`` is an array (one input), or an iterable of arrays, of lists in input order or of
+    dicts keyed by input name (``names``)."""
     if isinstance(data, np.ndarray) or hasattr(data, "numpy"):
         data = np.asarray(data)
         return [[data[i:i + batch_size]] for i in range(0, len(data) - batch_size + 1, batch_size)]
+    if isinstance(data, dict):
+        data = [data]
     batches = []
     for item in data:
+        if isinstance(item, dict):
+            item = [item[name] for name in names]
         arrays = item if isinstance(item, (list, tuple)) else [item]
         arrays = [np.asarray(a, np.float32) for a in arrays]
         for i in range(0, len(arrays[0]) - batch_size + 1, batch_size):
@@ -50,11 +66,8 @@ def convert(model, quantization="none", representative_data=None, batch_size=1, 
         raise ValueError("int8 quantization is full integer and needs representative_data "
                          "(a few hundred images like those the model will see) to calibrate "
                          "activation ranges")
-    specs = input_specs(model, batch_size)
-    if len(specs) == 1:
-        fn = tf.function(lambda x: model(x, training=False), input_signature=specs)
-    else:
-        fn = tf.function(lambda *xs: model(list(xs), training=False), input_signature=specs)
+    fn = tf.function(lambda *xs: call_on_inputs(model, xs),
+                     input_signature=input_specs(model, batch_size))
     # Weights frozen into constants: left as resource variables, LiteRT reads them
     # uninitialised (READ_VARIABLE gives garbage) under TF 2.21.
     frozen = convert_variables_to_constants_v2(fn.get_concrete_function())
@@ -66,7 +79,7 @@ def convert(model, quantization="none", representative_data=None, batch_size=1, 
     elif quantization == "dynamic":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     elif quantization == "int8":
-        batches = _as_batches(representative_data, batch_size)
+        batches = _as_batches(representative_data, batch_size, input_names(model))
         if not batches:
             raise ValueError(f"representative_data holds fewer than batch_size={batch_size} samples")
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -86,24 +99,42 @@ def convert(model, quantization="none", representative_data=None, batch_size=1, 
 
 
 class LiteRTRunner:
-    """Runs a .tflite file with ai_edge_litert, handling int8 input/output (de)quantisation."""
+    """Runs a .tflite file with ai_edge_litert, handling int8 input/output (de)quantisation.
+
+    Inputs are matched by name (the Keras input names, which the file's signature keeps); a
+    single-input file also takes its input by position. Outputs come back in the order of
+    the Keras model's flattened outputs (``tf.nest.flatten``: a list in order, a dict by
+    sorted key), one array for a single output, else a list."""
 
     def __init__(self, path, num_threads=None):
         from ai_edge_litert.interpreter import Interpreter
 
         self.interpreter = Interpreter(model_path=os.fspath(path), num_threads=num_threads)
         self.interpreter.allocate_tensors()
-        self.inputs = self.interpreter.get_input_details()
-        self.outputs = self.interpreter.get_output_details()
+        if self.interpreter.get_signature_list():
+            # The signature maps names to tensors; the tensors themselves are set and read
+            # directly (the signature runner re-allocates on every call: slow for benchmarks).
+            signature = self.interpreter.get_signature_runner()
+            self.named_inputs = signature.get_input_details()
+            outputs = signature.get_output_details()
+            # Converted outputs are named output_0, output_1, ... in flattened order.
+            self.outputs = [outputs[k] for k in sorted(outputs, key=_output_position)]
+        else:
+            self.named_inputs = {d["name"]: d for d in self.interpreter.get_input_details()}
+            self.outputs = self.interpreter.get_output_details()
+        self.inputs = list(self.named_inputs.values())
 
-    def __call__(self, *arrays):
-        if len(arrays) != len(self.inputs):
-            raise ValueError(f"the model takes {len(self.inputs)} inputs, got {len(arrays)}")
-        # TFLite orders inputs by its own rule; match Keras inputs by name, then by position.
-        order = sorted(range(len(self.inputs)), key=lambda i: self.inputs[i]["name"])
-        if len(arrays) == 1:
-            order = [0]
-        for detail, array in zip([self.inputs[i] for i in order], arrays):
+    def __call__(self, *arrays, **named):
+        if arrays and len(arrays) == 1 and not named and len(self.inputs) == 1:
+            named = {next(iter(self.named_inputs)): arrays[0]}
+        elif arrays:
+            raise ValueError(f"a file with {len(self.inputs)} inputs takes them by name: "
+                             f"{sorted(self.named_inputs)}")
+        if set(named) != set(self.named_inputs):
+            raise ValueError(f"the file's inputs are {sorted(self.named_inputs)}, got "
+                             f"{sorted(named)}")
+        for name, array in named.items():
+            detail = self.named_inputs[name]
             array = np.asarray(array, np.float32)
             if detail["dtype"] in (np.int8, np.uint8):
                 scale, zero = detail["quantization"]
@@ -120,32 +151,108 @@ class LiteRTRunner:
         return outs[0] if len(outs) == 1 else outs
 
 
+def _output_position(name):
+    suffix = name.rsplit("_", 1)[-1]
+    return (0, int(suffix), "") if suffix.isdigit() else (1, 0, name)
+
+
+def _output_names(outputs):
+    """Names of the flattened outputs: the dict keys (sorted, as flattened), else indices."""
+    if isinstance(outputs, dict):
+        return [str(k) for k in sorted(outputs)]
+    if isinstance(outputs, (list, tuple)):
+        return [f"output_{i}" for i in range(len(outputs))]
+    return ["output"]
+
+
+def _is_logits(array):
+    """(N, C) with C > 1: class scores, where top-1 agreement means something."""
+    return array.ndim == 2 and array.shape[-1] > 1
+
+
 def verify_tflite(path, model, inputs):
-    """Runs the .tflite file on ``inputs`` (N samples, the file's batch size divides N) and
-    compares with Keras. Returns max_abs_diff, relative_diff (to the Keras output's max
-    magnitude), top1_agreement and size_bytes."""
+    """Runs the .tflite file on ``inputs`` (N samples; the file's batch size divides N) and
+    compares each of its outputs with the Keras model's.
+
+    ``inputs``: an array (single-input models), a list in the model's input order or a dict
+    by input name. Returns size_bytes and, per output (``outputs``, by dict key or
+    ``output_i``), max_abs_diff, relative_diff (to that Keras output's max magnitude) and,
+    for logits-like (N, C) outputs, top1_agreement; the top-level max_abs_diff and
+    relative_diff are the worst over outputs, top1_agreement the lowest (None when no output
+    is logits-like)."""
+    names = input_names(model)
+    if isinstance(inputs, dict):
+        arrays = [np.asarray(inputs[name], np.float32) for name in names]
+    elif isinstance(inputs, (list, tuple)):
+        arrays = [np.asarray(a, np.float32) for a in inputs]
+    else:
+        arrays = [np.asarray(inputs, np.float32)]
+    if len(arrays) != len(names):
+        raise ValueError(f"the model takes {len(names)} inputs {names}, got {len(arrays)}")
     runner = LiteRTRunner(path)
-    batch = runner.inputs[0]["shape"][0]
-    inputs = np.asarray(inputs, np.float32)
-    if len(inputs) % batch:
-        raise ValueError(f"{len(inputs)} verification samples do not split into batches of {batch}")
-    lite = np.concatenate([np.reshape(runner(inputs[i:i + batch]), (batch, -1))
-                           for i in range(0, len(inputs), batch)])
-    ref = np.reshape(np.asarray(model(inputs, training=False)), (len(inputs), -1))
-    diff = float(np.max(np.abs(lite - ref)))
-    scale = float(max(np.max(np.abs(ref)), 1e-12))
-    return dict(max_abs_diff=diff, relative_diff=diff / scale,
-                top1_agreement=float(np.mean(lite.argmax(-1) == ref.argmax(-1))),
+    n, batch = len(arrays[0]), int(runner.inputs[0]["shape"][0])
+    if n % batch:
+        raise ValueError(f"{n} verification samples do not split into batches of {batch}")
+    lite_batches = []
+    for i in range(0, n, batch):
+        out = runner(**{name: a[i:i + batch] for name, a in zip(names, arrays)})
+        lite_batches.append(out if isinstance(out, list) else [out])
+    reference = call_on_inputs(model, arrays)
+    refs = [np.asarray(r) for r in tf.nest.flatten(reference)]
+    if len(refs) != len(lite_batches[0]):
+        raise TFLiteExportError(f"the TFLite file has {len(lite_batches[0])} outputs, the "
+                                f"Keras model {len(refs)}")
+    per_output = {}
+    for k, (name, ref) in enumerate(zip(_output_names(reference), refs)):
+        lite = np.concatenate([b[k] for b in lite_batches])
+        if lite.shape != ref.shape:
+            raise TFLiteExportError(f"output {name!r}: TFLite shape {lite.shape}, Keras "
+                                    f"{ref.shape}")
+        diff = float(np.max(np.abs(lite - ref)))
+        scale = float(max(np.max(np.abs(ref)), 1e-12))
+        row = dict(shape=list(ref.shape), max_abs_diff=diff, relative_diff=diff / scale)
+        if _is_logits(ref):
+            row["top1_agreement"] = float(np.mean(lite.argmax(-1) == ref.argmax(-1)))
+        per_output[name] = row
+    top1 = [r["top1_agreement"] for r in per_output.values() if "top1_agreement" in r]
+    return dict(max_abs_diff=max(r["max_abs_diff"] for r in per_output.values()),
+                relative_diff=max(r["relative_diff"] for r in per_output.values()),
+                top1_agreement=min(top1) if top1 else None, outputs=per_output,
                 size_bytes=os.path.getsize(path))
 
 
 def _verification_inputs(model, representative_data, batch_size, n=8, seed=0):
+    """Per-input arrays (model input order): the representative data, else random normal."""
     if representative_data is not None:
-        samples = np.concatenate([b[0] for b in _as_batches(representative_data, batch_size)])
-        return samples[: max(batch_size, len(samples) // batch_size * batch_size)]
-    shape = tuple(model.inputs[0].shape[1:])
+        batches = _as_batches(representative_data, batch_size, input_names(model))
+        arrays = [np.concatenate(per_input) for per_input in zip(*batches)]
+        keep = max(batch_size, len(arrays[0]) // batch_size * batch_size)
+        return [a[:keep] for a in arrays]
     n = max(batch_size, n // batch_size * batch_size)
-    return np.random.default_rng(seed).standard_normal((n,) + shape).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((n,) + tuple(t.shape[1:])).astype(np.float32)
+            for t in model.inputs]
+
+
+def check_report(report, quantization):
+    """Raises TFLiteExportError unless the verification ``report`` meets the tolerance of
+    ``quantization``: float modes bound every output's relative difference; integer modes
+    bound the top-1 agreement of every logits-like output and, for the other outputs
+    (feature maps, boxes), their relative difference."""
+    failures = []
+    for name, row in report["outputs"].items():
+        if quantization in FLOAT_TOLERANCE or "top1_agreement" not in row:
+            tolerance = {**FLOAT_TOLERANCE, **MAX_QUANTIZED_RELATIVE_DIFF}[quantization]
+            if not row["relative_diff"] <= tolerance:
+                failures.append(f"output {name!r} differs from Keras by "
+                                f"{row['relative_diff']:.2e} of its scale (tolerance "
+                                f"{tolerance:.0e})")
+        elif row["top1_agreement"] < MIN_TOP1_AGREEMENT[quantization]:
+            failures.append(f"output {name!r} top-1 agreement with Keras is "
+                            f"{row['top1_agreement']:.2f} (< {MIN_TOP1_AGREEMENT[quantization]})")
+    if failures:
+        raise TFLiteExportError(f"{quantization} TFLite export: " + "; ".join(failures) +
+                                "; file not written")
 
 
 def export_tflite(model, path, quantization="none", representative_data=None, batch_size=1,
@@ -153,14 +260,16 @@ def export_tflite(model, path, quantization="none", representative_data=None, ba
     """Converts ``model`` to a builtin-only .tflite file at ``path`` and verifies it.
 
     quantization: "none" (fp32), "float16", "dynamic" (int8 weights) or "int8"
-    (full integer; needs ``representative_data``). The file is written
-    atomically and only once it passes verification (fp32: max abs diff <=
-    1e-4 of the output scale; fp16: 1e-2; dynamic/int8: top-1 agreement >= 0.9
-    on the representative data), so an existing file is never replaced by a
-    bad one. Returns the verification report (dict).
+    (full integer; needs ``representative_data``: an array, or per-input lists or
+    dicts by input name). The file is written atomically and only once every
+    output passes verification (check_report: fp32: max abs diff <= 1e-4 of that
+    output's scale; fp16: 1e-2; dynamic/int8: top-1 agreement >= 0.9 for class
+    scores, relative diff <= 0.1 / 0.3 for feature maps and boxes, on the
+    representative data), so an existing file is never replaced by a bad one.
+    Multi-output models (features_only pyramids, dicts of heads) are verified
+    output by output; multi-input models are fed by input name. Returns the
+    verification report (dict, see verify_tflite).
     """
-    if verify and len(model.inputs) != 1:
-        raise ValueError("verification covers single-input models; pass verify=False")
     flatbuffer = convert(model, quantization, representative_data, batch_size, int8_io)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
@@ -169,15 +278,5 @@ def export_tflite(model, path, quantization="none", representative_data=None, ba
         if verify:
             inputs = _verification_inputs(model, representative_data, batch_size)
             report.update(verify_tflite(tmp, model, inputs))
-            if quantization in FLOAT_TOLERANCE:
-                if report["relative_diff"] > FLOAT_TOLERANCE[quantization]:
-                    raise TFLiteExportError(
-                        f"{quantization} TFLite output differs from Keras by "
-                        f"{report['relative_diff']:.2e} of the output scale "
-                        f"(tolerance {FLOAT_TOLERANCE[quantization]:.0e}); file not written")
-            elif report["top1_agreement"] < MIN_TOP1_AGREEMENT[quantization]:
-                raise TFLiteExportError(
-                    f"{quantization} TFLite top-1 agreement with Keras is "
-                    f"{report['top1_agreement']:.2f} (< {MIN_TOP1_AGREEMENT[quantization]}); "
-                    "file not written")
+            check_report(report, quantization)
     return report
