@@ -16,13 +16,12 @@ user's setting, else on). To compare both, run the tool twice, e.g. with
 --onednn=on --csv=X and --onednn=off --csv=X.
 """
 
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 _USER_ONEDNN = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
-from common import fail, prepare_environment  # noqa: E402
+from common import fail, load_model, parse_model_args, prepare_environment  # noqa: E402
 
 prepare_environment()
 
@@ -31,7 +30,9 @@ from absl import app, flags, logging  # noqa: E402
 MODES = ("tf_function", "xla", "tflite_fp32", "tflite_int8", "train")
 
 F = flags.FLAGS
-flags.DEFINE_string("model", "vit_small_patch16_224", "Registered model name (keras_vit.list_models()).")
+flags.DEFINE_string("model", "vit_small_patch16_224", "Registered model name "
+                    "(keras_vit.list_models()), or a .keras file or training model_dir (timm "
+                    "is then not measured).")
 flags.DEFINE_string("model_args", "{}", "JSON dict of builder overrides (e.g. '{\"depth\": 2}'); the timm model gets none, so use with --timm=off.")
 flags.DEFINE_integer("img_size", None, "Input size (default: the model's).")
 flags.DEFINE_integer("batch_size", 8, "Batch size of the throughput (images/s) measurements.")
@@ -63,12 +64,7 @@ def _check_flags():
         fail(f"--warmup must be >= 0, got {F.warmup}")
     if F.seconds is not None and F.seconds <= 0:
         fail(f"--seconds must be > 0, got {F.seconds}")
-    try:
-        model_args = json.loads(F.model_args)
-    except json.JSONDecodeError as e:
-        fail(f"--model_args is not JSON: {e}")
-    if not isinstance(model_args, dict):
-        fail("--model_args must be a JSON object")
+    model_args = parse_model_args(F.model_args)
     if model_args and F.timm == "on":
         fail("--model_args changes the architecture, so timm's model would differ; use --timm=off")
     if F.timm_python and not os.path.exists(F.timm_python):
@@ -87,25 +83,20 @@ def main(argv):
         os.environ["TF_ENABLE_ONEDNN_OPTS"] = _USER_ONEDNN
     threads = F.threads or os.cpu_count()
 
-    import keras_vit  # TensorFlow loads here, after TF_ENABLE_ONEDNN_OPTS is final
+    import tensorflow as tf  # TensorFlow loads here, after TF_ENABLE_ONEDNN_OPTS is final
 
-    if F.model not in keras_vit.list_models():
-        try:
-            keras_vit.get_model_config(F.model)
-        except ValueError as e:
-            fail(f"--model: {e}")
-    if F.img_size is not None:
-        # An invalid size is the builder's ValueError naming the valid ones; build nothing big.
-        pass
+    tf.config.threading.set_intra_op_parallelism_threads(threads)  # before any model exists
 
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-
+    import keras_vit
     from keras_vit import benchmark as bm
 
+    model = load_model(F.model, flag="--model", img_size=F.img_size, model_args=model_args)
+    registered = F.model in keras_vit.list_models()
+    if F.timm == "on" and not registered:
+        fail(f"--timm=on needs a registered --model; {F.model!r} is a file")
+
     timm_python = None
-    if F.timm != "off" and not model_args:
+    if F.timm != "off" and registered and not model_args:
         python = F.timm_python or sys.executable
         if bm.timm_importable(python):
             timm_python = python
@@ -115,14 +106,12 @@ def main(argv):
             print(f"timm not measured: {python} cannot import torch and timm", flush=True)
 
     try:
-        rows = bm.benchmark(F.model, img_size=F.img_size, batch_size=F.batch_size,
-                            threads=threads, modes=modes, warmup=F.warmup, iters=F.iters,
-                            seconds=F.seconds, rounds=F.rounds, timm_python=timm_python,
-                            model_args=model_args, train_jit_compile=F.train_jit_compile)
+        rows = bm.benchmark(model, name=F.model, batch_size=F.batch_size, threads=threads,
+                            modes=modes, warmup=F.warmup, iters=F.iters, seconds=F.seconds,
+                            rounds=F.rounds, timm_python=timm_python,
+                            train_jit_compile=F.train_jit_compile)
     except bm.TimmUnavailable as e:
         fail(f"timm: {e}")
-    except ValueError as e:  # e.g. an invalid --img_size, raised before building
-        fail(str(e))
 
     table = bm.markdown_table(rows)
     lat = {r["mode"]: r["latency_ms"] for r in rows if r["framework"] == "keras"}

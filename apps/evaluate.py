@@ -2,9 +2,9 @@
 
     python apps/evaluate.py --model_path=runs/vit_tiny --dataset=shapes --split=validation
 
---model_path is a .keras file or a training model_dir (its preprocessing.json gives the
-image size, mean/std and class names; without one, give --img_size and the defaults
-of --config_from apply).
+--model_path is a .keras file, a training model_dir (its preprocessing.json gives the
+image size, mean/std and class names) or a registered name; without a preprocessing.json,
+give --img_size and the defaults of --config_from apply.
 """
 
 import json
@@ -12,14 +12,16 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import fail, prepare_environment  # noqa: E402
+from common import (fail, load_model, model_dir_of, prepare_environment,  # noqa: E402
+                    read_preprocessing)
 
 prepare_environment()
 
 from absl import app, flags  # noqa: E402
 
 F = flags.FLAGS
-flags.DEFINE_string("model_path", None, "A .keras file or a training model_dir.", required=True)
+flags.DEFINE_string("model_path", None, "A .keras file, a training model_dir or a registered "
+                    "name.", required=True)
 flags.DEFINE_string("dataset", "shapes", "shapes | folder:PATH | tfrecord:GLOB | tfds:NAME.")
 flags.DEFINE_string("split", "validation", "Split to evaluate.")
 flags.DEFINE_integer("val_samples", None, "shapes: number of images.")
@@ -35,11 +37,9 @@ flags.DEFINE_integer("seed", 0, "Seed of the shapes data (the training run's see
 def preprocessing(model_path, model):
     from keras_vit.registry import get_model_config
 
-    model_dir = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
-    path = os.path.join(model_dir, "preprocessing.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+    prep = read_preprocessing(model_path)
+    if prep:
+        return prep
     cfg = get_model_config(F.config_from) if F.config_from else {}
     return dict(img_size=F.img_size or model.input_shape[1], mean=cfg.get("mean", (0.485, 0.456, 0.406)),
                 std=cfg.get("std", (0.229, 0.224, 0.225)), crop_pct=cfg.get("crop_pct", 0.875),
@@ -89,15 +89,9 @@ def plot_confusion(confusion, names, path):
 
 def main(argv):
     del argv
-    if not os.path.exists(F.model_path):
-        fail(f"--model_path {F.model_path!r} does not exist")
     from keras_vit.data import load_dataset, make_pipeline
-    from keras_vit.training.trainer import load_trained_model
 
-    try:
-        model = load_trained_model(F.model_path)
-    except ValueError as e:
-        fail(str(e))
+    model = load_model(F.model_path)
     prep = preprocessing(F.model_path, model)
     img_size = F.img_size or prep["img_size"]
     try:
@@ -110,8 +104,7 @@ def main(argv):
                          num_classes=info.num_classes, mean=prep["mean"], std=prep["std"],
                          crop_pct=prep["crop_pct"], interpolation=prep["interpolation"])
     metrics = evaluate(model, pipe, info.num_classes)
-    out = F.output_dir or (F.model_path if os.path.isdir(F.model_path)
-                           else os.path.dirname(os.path.abspath(F.model_path)))
+    out = F.output_dir or model_dir_of(F.model_path)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(dict(metrics, class_names=names), f, indent=1)

@@ -3,8 +3,9 @@
     python apps/export.py --model_path=runs/vit_tiny --export_dir=saved_models/vit_tiny \
         --modes=fp32,fp16,dynamic,int8 --dataset=shapes
 
---model_path is a .keras file or a training model_dir (its model.keras, else its last
-checkpoint). int8 is calibrated on --calibration_batches batches of --dataset.
+--model_path is a .keras file, a training model_dir (its model.keras, else its last
+checkpoint) or a registered name. int8 is calibrated on --calibration_batches batches of
+--dataset.
 Each TFLite file is verified against Keras before it replaces an existing file.
 """
 
@@ -13,7 +14,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import fail, prepare_environment  # noqa: E402
+from common import fail, load_model, prepare_environment, read_preprocessing  # noqa: E402
 
 prepare_environment()
 
@@ -21,7 +22,8 @@ from absl import app, flags  # noqa: E402
 
 F = flags.FLAGS
 MODES = {"fp32": "none", "fp16": "float16", "dynamic": "dynamic", "int8": "int8"}
-flags.DEFINE_string("model_path", None, "A .keras file or a training model_dir.", required=True)
+flags.DEFINE_string("model_path", None, "A .keras file, a training model_dir or a registered "
+                    "name.", required=True)
 flags.DEFINE_string("export_dir", "saved_models/export", "Output directory.")
 flags.DEFINE_list("modes", ["fp32", "fp16", "dynamic", "int8"], "TFLite modes: fp32,fp16,dynamic,int8.")
 flags.DEFINE_bool("saved_model", True, "Also write a SavedModel.")
@@ -39,25 +41,16 @@ def main(argv):
         fail(f"--modes: unknown {bad}; choose from {list(MODES)}")
     if "int8" in F.modes and not F.dataset:
         fail("an int8 export needs calibration data: pass --dataset (e.g. --dataset=shapes)")
-    if not os.path.exists(F.model_path):
-        fail(f"--model_path {F.model_path!r} does not exist")
     import numpy as np
 
     from keras_vit.data import load_dataset, make_pipeline
     from keras_vit.export import export_saved_model, export_tflite
-    from keras_vit.training.trainer import load_trained_model
 
-    try:
-        model = load_trained_model(F.model_path)
-    except ValueError as e:
-        fail(str(e))
+    model = load_model(F.model_path)
     img_size = model.input_shape[1]
     data = None
     if F.dataset:
-        prep_path = os.path.join(F.model_path if os.path.isdir(F.model_path)
-                                 else os.path.dirname(os.path.abspath(F.model_path)),
-                                 "preprocessing.json")
-        prep = json.load(open(prep_path)) if os.path.exists(prep_path) else {}
+        prep = read_preprocessing(F.model_path)
         try:
             ds, info = load_dataset(F.dataset, "validation", img_size=img_size, seed=F.seed,
                                     num_samples=F.calibration_batches * F.batch_size)
@@ -80,8 +73,9 @@ def main(argv):
     print("\n| mode | file | size (MB) | max abs diff | rel. diff | top-1 agreement |")
     print("|---|---|---|---|---|---|")
     for mode, r in rows:
+        top1 = "-" if r["top1_agreement"] is None else f"{100 * r['top1_agreement']:.1f}%"
         print(f"| {mode} | {r['path']} | {r['size_bytes'] / 1e6:.2f} | {r['max_abs_diff']:.2e} | "
-              f"{r['relative_diff']:.2e} | {100 * r['top1_agreement']:.1f}% |")
+              f"{r['relative_diff']:.2e} | {top1} |")
     with open(os.path.join(F.export_dir, "export_report.json"), "w") as f:
         json.dump({m: r for m, r in rows}, f, indent=1)
 

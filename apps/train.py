@@ -7,12 +7,11 @@ Resumes from --model_dir's last checkpoint when started again with the same flag
 absl's --flagfile=FILE works; the resolved flags are written to MODEL_DIR/flags.txt.
 """
 
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import fail, prepare_environment  # noqa: E402
+from common import fail, parse_model_args, prepare_environment  # noqa: E402
 
 prepare_environment()
 
@@ -56,14 +55,8 @@ flags.DEFINE_integer("cpu_replicas", 0, "Split the CPU into N logical devices (t
 def config_from_flags():
     from keras_vit.training import TrainConfig
 
-    try:
-        model_args = json.loads(F.model_args)
-    except json.JSONDecodeError as e:
-        fail(f"--model_args is not valid JSON: {e}")
-    if not isinstance(model_args, dict):
-        fail("--model_args must be a JSON object")
     fields = {k: getattr(F, k) for k in TrainConfig.__dataclass_fields__ if k != "model_args"}
-    return TrainConfig(model_args=model_args, **fields)
+    return TrainConfig(model_args=parse_model_args(F.model_args), **fields)
 
 
 def main(argv):

@@ -26,11 +26,12 @@ import csv
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 
 import numpy as np
+
+from keras_vit.measure import median, peak_rss_mib, reset_peak_rss, timed  # noqa: F401
 
 MODES = ("tf_function", "xla", "tflite_fp32", "tflite_int8", "train")
 TIMM_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark_timm.py")
@@ -41,52 +42,6 @@ CSV_FIELDS = ("timestamp", "model", "framework", "mode", "img_size", "batch_size
 
 
 # --- measurement primitives -------------------------------------------------------------
-
-def reset_peak_rss():
-    """Resets this process's RSS high-water mark (Linux >= 4.0); False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mib():
-    """(peak RSS in MiB, its source: "VmHWM" or "ru_maxrss")."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0, "VmHWM"
-    except OSError:
-        pass
-    import resource
-
-    scale = 1.0 / 1024.0 if sys.platform != "darwin" else 1.0 / 1024.0 ** 2
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "ru_maxrss"
-
-
-def median(values):
-    return float(np.median(np.asarray(values, np.float64)))
-
-
-def timed(fn, warmup=2, iters=10, seconds=None):
-    """Per-call wall times (s) after ``warmup`` calls: ``iters`` calls, or as many as fit in
-    ``seconds`` (at least two) when ``seconds`` is set."""
-    for _ in range(warmup):
-        fn()
-    times, start = [], time.perf_counter()
-    while True:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-        if seconds:
-            if time.perf_counter() - start >= seconds and len(times) >= 2:
-                return times
-        elif len(times) >= iters:
-            return times
-
 
 def onednn_state():
     """TF_ENABLE_ONEDNN_OPTS as TensorFlow saw it at import ("on", "off" or "tf default")."""
@@ -252,27 +207,21 @@ class TimmProcess:
 
 # --- the whole run ----------------------------------------------------------------------
 
-def benchmark(model_name, *, img_size=None, batch_size=8, threads=None, modes=MODES,
-              warmup=2, iters=10, seconds=None, rounds=3, timm_python=None, model_args=None,
-              train_jit_compile=True, log=print):
-    """Measures ``model_name`` in each mode (and timm when ``timm_python`` is given),
-    alternating Keras and timm rounds. Returns a list of row dicts (medians over rounds)."""
-    import keras_vit
-
-    model_args = dict(model_args or {})
+def benchmark(model, name, *, batch_size=8, threads=None, modes=MODES, warmup=2, iters=10,
+              seconds=None, rounds=3, timm_python=None, train_jit_compile=True, log=print):
+    """Measures the Keras ``model`` in each mode and, when ``timm_python`` is given, timm's
+    model of the registered ``name`` at the same input size, alternating Keras and timm
+    rounds. Returns a list of row dicts (medians over rounds) labelled ``name``."""
     threads = threads or os.cpu_count()
-    img_size = img_size or keras_vit.get_model_config(model_name)["input_size"]
-    t = time.perf_counter()
-    model = keras_vit.create_model(model_name, img_size=img_size, **model_args)
-    log(f"built {model_name} at {img_size} px in {time.perf_counter() - t:.1f} s "
-        f"({model.count_params() / 1e6:.2f} M parameters)")
+    img_size = int(model.input_shape[1])
+    log(f"{name} at {img_size} px ({model.count_params() / 1e6:.2f} M parameters)")
     tmp = tempfile.TemporaryDirectory(prefix="keras_vit_bench_")  # the .tflite files
     bench = KerasBench(model, img_size, batch_size, threads, warmup, iters, seconds,
                        tmp_dir=tmp.name, train_jit_compile=train_jit_compile, log=log)
     timm_proc = None
     if timm_python:
         num_classes = int(model.outputs[0].shape[-1])
-        timm_proc = TimmProcess(timm_python, model_name, img_size, batch_size, threads,
+        timm_proc = TimmProcess(timm_python, name, img_size, batch_size, threads,
                                 num_classes=num_classes)
         log(f"timm {timm_proc.info['timm']} (torch {timm_proc.info['torch']}, "
             f"{timm_proc.info['threads']} threads), {timm_proc.info['params'] / 1e6:.2f} M "
@@ -301,7 +250,7 @@ def benchmark(model_name, *, img_size=None, batch_size=8, threads=None, modes=MO
         tmp.cleanup()
 
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-    common = dict(timestamp=stamp, model=model_name, img_size=img_size, batch_size=batch_size,
+    common = dict(timestamp=stamp, model=name, img_size=img_size, batch_size=batch_size,
                   threads=threads, onednn=onednn_state(), rounds=rounds,
                   load_avg_1m=round(median(loads), 2))
     rows = []

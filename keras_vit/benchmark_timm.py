@@ -12,10 +12,10 @@ the caller can alternate Keras and timm rounds without rebuilding the model.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
-import time
 
 # Run as a file from inside the package: keep keras_vit's subpackages (data, models, ...)
 # from shadowing top-level modules that torch or timm import.
@@ -23,53 +23,17 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
     sys.path.pop(0)
 
 
-def reset_peak_rss():
-    """Resets the kernel's RSS high-water mark (VmHWM) of this process; False if unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+def _load_measure():
+    """keras_vit/measure.py, imported from its file: importing the keras_vit package would
+    load TensorFlow."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "measure.py")
+    spec = importlib.util.spec_from_file_location("keras_vit_measure", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def peak_rss_mib():
-    """(peak RSS in MiB, where it came from)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0, "VmHWM"
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "ru_maxrss"
-
-
-def timed(fn, warmup, iters, seconds):
-    """Per-call wall times (s) after ``warmup`` calls: ``iters`` calls, or as many as fit in
-    ``seconds`` (at least two) when seconds is set."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    start = time.perf_counter()
-    while True:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-        if seconds:
-            if time.perf_counter() - start >= seconds and len(times) >= 2:
-                break
-        elif len(times) >= iters:
-            break
-    return times
-
-
-def median(values):
-    values = sorted(values)
-    n = len(values)
-    return values[n // 2] if n % 2 else 0.5 * (values[n // 2 - 1] + values[n // 2])
+measure = _load_measure()
 
 
 def main(argv=None):
@@ -108,15 +72,15 @@ def main(argv=None):
         if cmd.get("mode") == "quit":
             break
         warmup, iters, seconds = cmd.get("warmup", 2), cmd.get("iters", 10), cmd.get("seconds")
-        reset_peak_rss()
+        measure.reset_peak_rss()
         result = {"mode": cmd["mode"]}
         if cmd["mode"] == "infer":
             model.eval()
             with torch.inference_mode():
-                times = timed(lambda: model(x_batch), warmup, iters, seconds)
-                result["images_per_s"] = args.batch_size / median(times)
-                times = timed(lambda: model(x_one), warmup, iters, seconds)
-                result["latency_ms"] = 1000.0 * median(times)
+                times = measure.timed(lambda: model(x_batch), warmup, iters, seconds)
+                result["images_per_s"] = args.batch_size / measure.median(times)
+                times = measure.timed(lambda: model(x_one), warmup, iters, seconds)
+                result["latency_ms"] = 1000.0 * measure.median(times)
         elif cmd["mode"] == "train":
             # The Keras side's train_on_batch: AdamW step on cross-entropy, batch B.
             model.train()
@@ -131,12 +95,12 @@ def main(argv=None):
                 loss.backward()
                 optimizer.step()
 
-            times = timed(step, warmup, iters, seconds)
-            result["images_per_s"] = args.batch_size / median(times)
+            times = measure.timed(step, warmup, iters, seconds)
+            result["images_per_s"] = args.batch_size / measure.median(times)
             model.eval()
         else:
             result["error"] = f"unknown mode {cmd['mode']!r}"
-        result["peak_rss_mib"], result["memory_source"] = peak_rss_mib()
+        result["peak_rss_mib"], result["memory_source"] = measure.peak_rss_mib()
         print(json.dumps(result), flush=True)
     return 0
 
