@@ -1,0 +1,116 @@
+"""Keras 3 on every backend: each family's smallest model gives TensorFlow's outputs under JAX.
+
+This (TensorFlow-backend) process builds every case of tests/families.py, perturbs its
+weights, saves them with an input batch and the outputs; one subprocess with
+KERAS_BACKEND=jax (this file run as a script, so JAX is imported once) builds the same
+configs, loads the weights and saves its outputs. Each case then compares every output.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+
+import keras
+import numpy as np
+import pytest
+
+from families import SMALLEST, build_smallest, missing_families, smallest_input
+
+RTOL = 1e-4  # of max(1, the output's largest magnitude)
+
+
+def _outputs(model, x):
+    """Every output of the model as y0, y1, ... for np.savez."""
+    outputs = model(x, training=False)
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    return {f"y{i}": keras.ops.convert_to_numpy(o) for i, o in enumerate(outputs)}
+
+
+def _perturb(model, seed=0):
+    """Moves every weight off its initial value: zero biases, unit norms and 1e-5 LayerScales
+    would leave whole branches untested, and fresh BatchNorm statistics are the identity."""
+    rng = np.random.default_rng(seed)
+    for w in model.weights:
+        if "float" not in str(w.dtype):
+            continue
+        if w.path.endswith("moving_variance"):
+            w.assign(rng.uniform(0.5, 1.5, w.shape).astype("float32"))
+        else:
+            w.assign(keras.ops.convert_to_numpy(w) + 0.05 * rng.standard_normal(w.shape))
+
+
+def test_every_family_has_a_smallest_config():
+    assert missing_families() == [], "add the family to tests/families.py SMALLEST"
+
+
+@pytest.fixture(scope="module")
+def jax_run(tmp_path_factory):
+    """The TF outputs written here, then the JAX subprocess's results over the same files."""
+    work = tmp_path_factory.mktemp("jax_backend")
+    for case in SMALLEST:
+        model = build_smallest(case)
+        _perturb(model)
+        x = smallest_input(case)
+        model.save_weights(str(work / f"{case}.weights.h5"))
+        np.savez(work / f"{case}.tf.npz", x=x, **_outputs(model, x))
+        keras.backend.clear_session()
+    env = dict(os.environ, KERAS_BACKEND="jax", CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, __file__, str(work)], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    with open(work / "jax_results.json") as f:
+        return work, json.load(f)
+
+
+def test_keras_vit_does_not_import_tensorflow_under_jax(jax_run):
+    _, results = jax_run
+    assert results["tensorflow_imported"] == [], results["tensorflow_imported"]
+
+
+@pytest.mark.parametrize("case", sorted(SMALLEST))
+def test_jax_backend_matches_tensorflow(case, jax_run):
+    work, results = jax_run
+    assert results["errors"].get(case) is None, results["errors"][case]
+    tf_out = np.load(work / f"{case}.tf.npz")
+    jax_out = np.load(work / f"{case}.jax.npz")
+    names = [n for n in tf_out.files if n != "x"]
+    assert sorted(jax_out.files) == sorted(names)
+    for name in names:
+        ref = tf_out[name]
+        assert jax_out[name].shape == ref.shape
+        scale = float(np.max(np.abs(ref)))
+        diff = float(np.max(np.abs(jax_out[name] - ref)))
+        print(f"{case} output {name}: max abs diff {diff:.2e}, output scale {scale:.3g}")
+        assert diff <= RTOL * max(1.0, scale), f"{case} {name}: {diff:.2e} (scale {scale:.3g})"
+
+
+def _run_under_jax(work):
+    """The subprocess: every case under the JAX backend, outputs in <case>.jax.npz."""
+    assert keras.backend.backend() == "jax"
+    import keras_vit  # noqa: F401  (first, to see whether it imports TensorFlow)
+
+    results = {"errors": {}, "tensorflow_imported": []}
+    if "tensorflow" in sys.modules:
+        results["tensorflow_imported"].append("import keras_vit")
+    for case in SMALLEST:
+        try:
+            # Deferred initial values: load_weights replaces them, and under JAX each
+            # initializer compiles an XLA program per shape (about a second each).
+            with keras.StatelessScope(initialize_variables=False):
+                model = build_smallest(case)
+            model.load_weights(os.path.join(work, f"{case}.weights.h5"))
+            x = np.load(os.path.join(work, f"{case}.tf.npz"))["x"]
+            np.savez(os.path.join(work, f"{case}.jax.npz"), **_outputs(model, x))
+        except Exception:  # noqa: BLE001  (reported per case, the others still run)
+            results["errors"][case] = traceback.format_exc()
+        keras.backend.clear_session()
+        if "tensorflow" in sys.modules and not results["tensorflow_imported"]:
+            results["tensorflow_imported"].append(f"building {case}")
+    with open(os.path.join(work, "jax_results.json"), "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    _run_under_jax(sys.argv[1])
