@@ -6,7 +6,7 @@ import os
 import keras
 import numpy as np
 
-from conftest import fixture_path, images, load_param_counts
+from conftest import fixture_path, images, load_fixture_index, load_param_counts
 from keras_vit.convert import load_checkpoint, load_timm_weights
 from keras_vit.export import export_tflite
 from keras_vit.models.common import count_parameters
@@ -45,6 +45,24 @@ def create_model_without_weights(name, **kwargs):
         model = create_model(name, **kwargs)
     keras.backend.clear_session()
     return model
+
+
+def check_last_block_map_is_its_patch_tokens(family, name, builder, block, shape):
+    """The features_only model of the last block (out_indices=1) loads the full checkpoint of
+    fixture ``name``; its map is that block's patch tokens in the headless model ([CLS]
+    dropped), row-major."""
+    entry = load_fixture_index(family)[name]
+    weights = load_checkpoint(fixture_path(family, entry["weights"]))
+    full = builder(**dict(entry["kwargs"], num_classes=0))
+    feats = builder(**dict(entry["kwargs"], features_only=True, out_indices=1))
+    load_timm_weights(full, weights)
+    load_timm_weights(feats, weights)
+    x = np.load(fixture_path(family, f"{name}.npz"))["x"]
+    fmap = np.asarray(feats(x))
+    assert fmap.shape == shape
+    tokens = np.asarray(keras.Model(full.input, full.get_layer(block).output)(x))
+    batch, h, w, dim = shape
+    np.testing.assert_allclose(fmap.reshape(batch, h * w, dim), tokens[:, 1:], atol=1e-6)
 
 
 def check_param_count_equals_timm(family, name, **cfg):

@@ -5,14 +5,18 @@ Fixtures: tools/fixtures/deepvit.py (needs DEEPVIT_REPO, a checkout of the offic
 
 import json
 
-import keras
 import numpy as np
 import pytest
 
 import keras_vit
 from conftest import fixture_path, images, load_fixture_index
-from helpers import check_builds_at, check_timm_parity, check_variant, create_model_without_weights
-from keras_vit.convert import load_checkpoint, load_timm_weights
+from helpers import (
+    check_builds_at,
+    check_last_block_map_is_its_patch_tokens,
+    check_timm_parity,
+    check_variant,
+    create_model_without_weights,
+)
 from keras_vit.models.deepvit import deep_vision_transformer
 
 FIXTURES = load_fixture_index("deepvit")
@@ -90,17 +94,8 @@ def test_features_only_returns_token_maps():
 
 
 def test_features_only_loads_official_checkpoint_and_matches_the_full_model():
-    entry = FIXTURES["deepvit_s_like_32"]
-    weights = load_checkpoint(fixture_path("deepvit", entry["weights"]))
-    full = deep_vision_transformer(**dict(entry["kwargs"], num_classes=0))
-    feats = deep_vision_transformer(**dict(entry["kwargs"], features_only=True, out_indices=1))
-    load_timm_weights(full, weights)
-    load_timm_weights(feats, weights)
-    x = np.load(fixture_path("deepvit", "deepvit_s_like_32.npz"))["x"]
-    fmap = np.asarray(feats(x))
-    assert fmap.shape == (2, 4, 4, 32)
-    seq = np.asarray(keras.Model(full.input, full.get_layer("blocks.2").output)(x))
-    np.testing.assert_allclose(fmap.reshape(2, 16, 32), seq[:, 1:], atol=1e-6)
+    check_last_block_map_is_its_patch_tokens("deepvit", "deepvit_s_like_32",
+                                              deep_vision_transformer, "blocks.2", (2, 4, 4, 32))
 
 
 def test_create_model_pretrained_loads_official_state_dict():

@@ -5,14 +5,18 @@ Fixtures: tools/fixtures/t2t_vit.py (needs T2T_VIT_REPO, a checkout of the offic
 
 import json
 
-import keras
 import numpy as np
 import pytest
 
 import keras_vit
 from conftest import fixture_path, images, load_fixture_index
-from helpers import check_builds_at, check_timm_parity, check_variant, create_model_without_weights
-from keras_vit.convert import load_checkpoint, load_timm_weights
+from helpers import (
+    check_builds_at,
+    check_last_block_map_is_its_patch_tokens,
+    check_timm_parity,
+    check_variant,
+    create_model_without_weights,
+)
 from keras_vit.layers import sinusoid_table
 from keras_vit.models.t2t_vit import SoftSplit, t2t_vit, token_grid
 
@@ -104,18 +108,8 @@ def test_features_only_returns_token_maps():
 
 
 def test_features_only_loads_official_checkpoint_and_matches_the_full_model():
-    entry = FIXTURES["t2t_performer_64"]
-    weights = load_checkpoint(fixture_path("t2t_vit", entry["weights"]))
-    full = t2t_vit(**dict(entry["kwargs"], num_classes=0))
-    feats = t2t_vit(**dict(entry["kwargs"], features_only=True, out_indices=1))
-    load_timm_weights(full, weights)
-    load_timm_weights(feats, weights)
-    x = np.load(fixture_path("t2t_vit", "t2t_performer_64.npz"))["x"]
-    fmap = np.asarray(feats(x))
-    assert fmap.shape == (2, 4, 4, 48)
-    # The map is the last block's patch tokens (the [CLS] token dropped), row-major.
-    seq = np.asarray(keras.Model(full.input, full.get_layer("blocks.1").output)(x))
-    np.testing.assert_allclose(fmap.reshape(2, 16, 48), seq[:, 1:], atol=1e-6)
+    check_last_block_map_is_its_patch_tokens("t2t_vit", "t2t_performer_64", t2t_vit, "blocks.1",
+                                              (2, 4, 4, 48))
 
 
 def test_create_model_pretrained_loads_official_state_dict():
