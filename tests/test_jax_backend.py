@@ -3,7 +3,7 @@
 This (TensorFlow-backend) process builds every case of tests/families.py, perturbs its
 weights, saves them with an input batch and the outputs; one subprocess with
 KERAS_BACKEND=jax (this file run as a script, so JAX is imported once) builds the same
-configs, loads the weights and saves its outputs. Each case then compares every output.
+configs, loads the weights and saves its outputs. Each variant (VARIANTS) then compares every output.
 """
 
 import json
@@ -19,6 +19,18 @@ import pytest
 from families import SMALLEST, build_smallest, missing_families, smallest_input
 
 RTOL = 1e-4  # of max(1, the output's largest magnitude)
+# Each family's smallest model, its features_only pyramid (a list of maps) and DeiT's two
+# training heads: multi-output models compare every output.
+VARIANTS = {case: (case, {}) for case in SMALLEST}
+VARIANTS.update({f"{case}-features": (case, dict(features_only=True, out_indices=(0, -1)))
+                 for case in SMALLEST})
+VARIANTS["tnt-features"][1]["depth"] = 2  # the smallest TNT has one block
+VARIANTS["deit-distilled_training"] = ("deit", dict(distilled_training=True))
+
+
+def _build(variant):
+    case, overrides = VARIANTS[variant]
+    return build_smallest(case, **overrides)
 
 
 def _outputs(model, x):
@@ -49,12 +61,13 @@ def test_every_family_has_a_smallest_config():
 def jax_run(tmp_path_factory):
     """The TF outputs written here, then the JAX subprocess's results over the same files."""
     work = tmp_path_factory.mktemp("jax_backend")
-    for case in SMALLEST:
-        model = build_smallest(case)
+    keras.utils.set_random_seed(0)  # module scope: set up before conftest's per-test seed
+    for variant, (case, _) in VARIANTS.items():
+        model = _build(variant)
         _perturb(model)
         x = smallest_input(case)
-        model.save_weights(str(work / f"{case}.weights.h5"))
-        np.savez(work / f"{case}.tf.npz", x=x, **_outputs(model, x))
+        model.save_weights(str(work / f"{variant}.weights.h5"))
+        np.savez(work / f"{variant}.tf.npz", x=x, **_outputs(model, x))
         keras.backend.clear_session()
     env = dict(os.environ, KERAS_BACKEND="jax", CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, __file__, str(work)], env=env, capture_output=True,
@@ -69,12 +82,12 @@ def test_keras_vit_does_not_import_tensorflow_under_jax(jax_run):
     assert results["tensorflow_imported"] == [], results["tensorflow_imported"]
 
 
-@pytest.mark.parametrize("case", sorted(SMALLEST))
-def test_jax_backend_matches_tensorflow(case, jax_run):
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_jax_backend_matches_tensorflow(variant, jax_run):
     work, results = jax_run
-    assert results["errors"].get(case) is None, results["errors"][case]
-    tf_out = np.load(work / f"{case}.tf.npz")
-    jax_out = np.load(work / f"{case}.jax.npz")
+    assert results["errors"].get(variant) is None, results["errors"][variant]
+    tf_out = np.load(work / f"{variant}.tf.npz")
+    jax_out = np.load(work / f"{variant}.jax.npz")
     names = [n for n in tf_out.files if n != "x"]
     assert sorted(jax_out.files) == sorted(names)
     for name in names:
@@ -82,32 +95,32 @@ def test_jax_backend_matches_tensorflow(case, jax_run):
         assert jax_out[name].shape == ref.shape
         scale = float(np.max(np.abs(ref)))
         diff = float(np.max(np.abs(jax_out[name] - ref)))
-        print(f"{case} output {name}: max abs diff {diff:.2e}, output scale {scale:.3g}")
-        assert diff <= RTOL * max(1.0, scale), f"{case} {name}: {diff:.2e} (scale {scale:.3g})"
+        print(f"{variant} output {name}: max abs diff {diff:.2e}, output scale {scale:.3g}")
+        assert diff <= RTOL * max(1.0, scale), f"{variant} {name}: {diff:.2e} (scale {scale:.3g})"
 
 
 def _run_under_jax(work):
-    """The subprocess: every case under the JAX backend, outputs in <case>.jax.npz."""
+    """The subprocess: every variant under the JAX backend, outputs in <variant>.jax.npz."""
     assert keras.backend.backend() == "jax"
     import keras_vit  # noqa: F401  (first, to see whether it imports TensorFlow)
 
     results = {"errors": {}, "tensorflow_imported": []}
     if "tensorflow" in sys.modules:
         results["tensorflow_imported"].append("import keras_vit")
-    for case in SMALLEST:
+    for variant in VARIANTS:
         try:
             # Deferred initial values: load_weights replaces them, and under JAX each
             # initializer compiles an XLA program per shape (about a second each).
             with keras.StatelessScope(initialize_variables=False):
-                model = build_smallest(case)
-            model.load_weights(os.path.join(work, f"{case}.weights.h5"))
-            x = np.load(os.path.join(work, f"{case}.tf.npz"))["x"]
-            np.savez(os.path.join(work, f"{case}.jax.npz"), **_outputs(model, x))
-        except Exception:  # noqa: BLE001  (reported per case, the others still run)
-            results["errors"][case] = traceback.format_exc()
+                model = _build(variant)
+            model.load_weights(os.path.join(work, f"{variant}.weights.h5"))
+            x = np.load(os.path.join(work, f"{variant}.tf.npz"))["x"]
+            np.savez(os.path.join(work, f"{variant}.jax.npz"), **_outputs(model, x))
+        except Exception:  # noqa: BLE001  (reported per variant, the others still run)
+            results["errors"][variant] = traceback.format_exc()
         keras.backend.clear_session()
         if "tensorflow" in sys.modules and not results["tensorflow_imported"]:
-            results["tensorflow_imported"].append(f"building {case}")
+            results["tensorflow_imported"].append(f"building {variant}")
     with open(os.path.join(work, "jax_results.json"), "w") as f:
         json.dump(results, f)
 
