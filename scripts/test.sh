@@ -7,7 +7,7 @@ export CUDA_VISIBLE_DEVICES="" TF_CPP_MIN_LOG_LEVEL=3
 start=$(date +%s)
 status=0
 # --durations: the slowest wall times; conftest.py adds CPU seconds per file and per test.
-.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@" || status=$?
+.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15 "$@" || status=$?
 elapsed=$(( $(date +%s) - start ))
 printf 'test suite wall time: %d min %02d s\n' $((elapsed / 60)) $((elapsed % 60))
 exit "$status"

@@ -4,6 +4,10 @@ import os
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One worker per core (scripts/test.sh): one TensorFlow thread pool each, no oversubscription.
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 
 import json  # noqa: E402
 import resource  # noqa: E402
@@ -37,7 +41,8 @@ def pytest_runtest_makereport(item, call):
     """Each phase's report carries its CPU seconds (wall times mislead on a shared machine)."""
     report = (yield).get_result()
     now = _cpu_seconds()
-    report.cpu_seconds = now - item.stash.get(_PHASE_START, now)
+    # In user_properties, which pytest-xdist carries from its workers to the summary.
+    report.user_properties.append(("cpu_seconds", now - item.stash.get(_PHASE_START, now)))
     item.stash[_PHASE_START] = now
 
 
@@ -51,7 +56,7 @@ def pytest_terminal_summary(terminalreporter):
     per_test, per_file = {}, {}
     for reports in terminalreporter.stats.values():
         for report in reports:
-            cpu = getattr(report, "cpu_seconds", None)
+            cpu = dict(getattr(report, "user_properties", ())).get("cpu_seconds")
             if cpu is not None and getattr(report, "when", None):
                 per_test[report.nodeid] = per_test.get(report.nodeid, 0.0) + cpu
                 path = report.nodeid.split("::")[0]
@@ -63,7 +68,8 @@ def pytest_terminal_summary(terminalreporter):
     for path, cpu in sorted(per_file.items(), key=lambda kv: -kv[1]):
         write(f"{cpu:8.1f}  {path}")
     write(f"{sum(per_file.values()):8.1f}  total in tests")
-    write(f"{_cpu_seconds():8.1f}  this pytest process in all (imports and collection too)")
+    if not terminalreporter.config.getoption("numprocesses", None):  # not under pytest-xdist
+        write(f"{_cpu_seconds():8.1f}  this pytest process in all (imports and collection too)")
     terminalreporter.section("slowest 15 tests by CPU seconds")
     for nodeid, cpu in sorted(per_test.items(), key=lambda kv: -kv[1])[:15]:
         write(f"{cpu:8.1f}  {nodeid}")
