@@ -25,7 +25,7 @@ def register_model(fn=None, *, default_cfg=None):
         if f.__name__ in _MODELS:
             raise ValueError(f"model {f.__name__!r} is registered twice")
         cfg = dict(input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic",
-                   crop_pct=0.9, num_classes=1000)
+                   crop_pct=0.9, num_classes=1000, task="classification")
         cfg.update(default_cfg or {})
         cfg["family"] = f.__module__.rsplit(".", 1)[-1]
         _MODELS[f.__name__] = (f, cfg)
@@ -116,9 +116,11 @@ def create_model(name, pretrained=None, **kwargs):
         # num_classes asked for: fine-tuning, a new head where the checkpoint's has other classes.
         load_timm_weights(model, load_checkpoint(pretrained), strict=True,
                           new_classifier=num_classes is not None,
+                          features_only=bool(kwargs.get("features_only")),
                           interpolation="bilinear" if jax else "bicubic", antialias=not jax)
     return model
 
 
 def _import_families():
     import keras_vit.models  # noqa: F401  (registers every family)
+    import keras_vit.segmentation  # noqa: F401

@@ -9,10 +9,16 @@ import importlib
 import pkgutil
 
 from keras_vit.convert.checkpoint import load_checkpoint
-from keras_vit.convert.core import load_timm_weights, register_layer_converter, weight_entries
+from keras_vit.convert.core import (
+    load_timm_weights,
+    register_layer_converter,
+    register_state_dict_adapter,
+    weight_entries,
+)
 
 for _info in pkgutil.iter_modules(__path__):
     if _info.name not in ("core", "checkpoint") and not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["load_checkpoint", "load_timm_weights", "register_layer_converter", "weight_entries"]
+__all__ = ["load_checkpoint", "load_timm_weights", "register_layer_converter",
+           "register_state_dict_adapter", "weight_entries"]

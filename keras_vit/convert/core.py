@@ -28,6 +28,18 @@ CLASSIFIER_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bi
                    "head.fc.weight", "head.fc.bias")
 
 _LAYER_CONVERTERS = {}
+_STATE_DICT_ADAPTERS = []
+
+
+def register_state_dict_adapter(fn):
+    """Registers ``fn(model, state_dict) -> dict | None`` that renames a second checkpoint
+    naming of a family (e.g. Hugging Face transformers') to the one its layers mirror.
+
+    It returns None when it does not recognise the keys; the first adapter that returns a
+    dict is used by ``load_timm_weights``, before any key is matched.
+    """
+    _STATE_DICT_ADAPTERS.append(fn)
+    return fn
 
 
 def register_layer_converter(layer_cls):
@@ -180,6 +192,16 @@ def weight_entries(model, options=None):
             for entry in layer_entries(layer, layer.name, options or {})]
 
 
+def _looks_features_only(model):
+    """Every output a 4-D map, and not a dense-prediction model (whose logits are maps)."""
+    if not all(len(t.shape) == 4 for t in model.outputs):
+        return False
+    from keras_vit.registry import _MODELS
+
+    entry = _MODELS.get(model.name)
+    return entry is None or entry[1].get("task", "classification") == "classification"
+
+
 def to_numpy(value):
     """A torch tensor, jax/tf array or numpy array as a float numpy array."""
     if hasattr(value, "detach"):
@@ -191,7 +213,7 @@ def to_numpy(value):
 
 
 def load_timm_weights(model, state_dict, strict=True, interpolation="bicubic", antialias=True,
-                      new_classifier=False):
+                      new_classifier=False, features_only=None):
     """Loads a timm ``state_dict()`` (Mapping[str, array]) into a keras_vit model.
 
     A features_only model ignores the keys of the stages and head it cut off.
@@ -204,11 +226,20 @@ def load_timm_weights(model, state_dict, strict=True, interpolation="bicubic", a
     than the model's is left out and the model's keeps its initialisation (timm's head
     reset for fine-tuning); everything else loads as above. Returns (missing,
     unexpected) keys.
+    features_only: whether the model is a features_only cut of the checkpoint's (None:
+    every output is a 4-D map and the model is not a registered segmentation model).
+    A checkpoint in a naming a registered adapter recognises (``register_state_dict_adapter``)
+    is renamed first.
     """
     state_dict = dict(state_dict)
     for nest in ("model", "state_dict", "model_ema"):
         if nest in state_dict and isinstance(state_dict[nest], dict) and len(state_dict) <= 3:
             state_dict = dict(state_dict[nest])
+            break
+    for adapter in _STATE_DICT_ADAPTERS:
+        renamed = adapter(model, state_dict)
+        if renamed is not None:
+            state_dict = dict(renamed)
             break
     top_names = {layer.name for layer in model.layers}
     entries = weight_entries(model, dict(interpolation=interpolation, antialias=antialias))
@@ -233,7 +264,8 @@ def load_timm_weights(model, state_dict, strict=True, interpolation="bicubic", a
         assignments.append((var, value))
     # A features_only model (every output a feature map) stops after its last requested
     # stage: checkpoint keys of modules it does not have at all are that cut-off tail.
-    features_model = all(len(t.shape) == 4 for t in model.outputs)
+    features_model = (_looks_features_only(model) if features_only is None
+                      else bool(features_only))
     modules = {key.rsplit(".", 1)[0] for _, key, _ in entries}
     unexpected = []
     for key in state_dict:
