@@ -68,6 +68,16 @@ def family_of(case):
     return keras_vit.get_model_config(SMALLEST[case][0])["family"]
 
 
+def task_of(case):
+    """``"classification"`` or ``"segmentation"``: the registry's task of a case's model."""
+    return keras_vit.get_model_config(SMALLEST[case][0])["task"]
+
+
+def classification_cases():
+    """Cases whose models classify: the only ones with a headless form and features_only."""
+    return [case for case in SMALLEST if task_of(case) == "classification"]
+
+
 def registered_families():
     return sorted({keras_vit.get_model_config(n)["family"] for n in keras_vit.list_models()})
 

@@ -4,7 +4,8 @@ Each case of tests/families.py (the smallest fast config of a family) is built o
 case and checked for: its output at the configured size, any other valid size (non-square
 too) and a ValueError naming the valid sizes for an invalid one, a safe-mode `.keras`
 round trip with identical outputs, builtin-only fp32 TFLite matching Keras, one training
-step lowering the loss, a headless model's pooled features, and features_only maps. A
+step lowering the loss, a headless model's pooled features, and features_only maps
+(classifiers), or NHWC logits trained with per-pixel labels (segmentation models). A
 family registered without a case fails here: add it to tests/families.py. What is special
 to a family (parity with its reference, parameter counts, its quirks) stays in
 tests/test_<family>.py.
@@ -17,7 +18,14 @@ import numpy as np
 import pytest
 
 from conftest import images
-from families import SMALLEST, build_smallest, registered_families, smallest_input
+from families import (
+    SMALLEST,
+    build_smallest,
+    classification_cases,
+    registered_families,
+    smallest_input,
+    task_of,
+)
 from helpers import check_keras_round_trip, check_tflite_fp32, check_train_step_lowers_loss
 
 CASES = sorted(set(SMALLEST) | set(registered_families()))
@@ -53,11 +61,23 @@ def _num_classes(case):
     return SMALLEST[case][1]["num_classes"]
 
 
+def _check_output(case, out, batch, size):
+    """Classifiers: (B, classes) logits. Segmentation models: NHWC logits at a resolution
+    (their reference's: the input's, or a fixed fraction of it) no larger than the input."""
+    out = np.asarray(out)
+    if task_of(case) == "classification":
+        assert out.shape == (batch, _num_classes(case))
+    else:
+        assert out.ndim == 4 and out.shape[0] == batch and out.shape[-1] == _num_classes(case)
+        h, w = size
+        assert out.shape[1] <= h and out.shape[2] <= w, out.shape
+        assert h // out.shape[1] == w // out.shape[2], (out.shape, size)  # one stride
+    assert np.isfinite(out).all()
+
+
 def test_output_at_the_configured_size(case, model, x):
     assert model.input_shape[1:] == (*_size(case), 3)
-    out = np.asarray(model(x, training=False))
-    assert out.shape == (BATCH, _num_classes(case))
-    assert np.isfinite(out).all()
+    _check_output(case, model(x, training=False), BATCH, _size(case))
 
 
 def test_invalid_size_names_valid_sizes_and_those_build(case):
@@ -71,8 +91,7 @@ def test_invalid_size_names_valid_sizes_and_those_build(case):
     assert below <= h < above
     model = build_smallest(case, img_size=(above, w))
     assert model.input_shape[1:3] == (above, w)
-    out = model(images(1, (above, w)))
-    assert tuple(out.shape) == (1, _num_classes(case))
+    _check_output(case, model(images(1, (above, w))), 1, (above, w))
 
 
 def test_keras_round_trip_in_safe_mode(model, x, tmp_path):
@@ -83,12 +102,16 @@ def test_tflite_builtin_ops_match_keras(model, tmp_path):
     check_tflite_fp32(model, tmp_path)
 
 
-def test_headless_model_returns_pooled_features(case):
+@pytest.mark.parametrize("classifier", classification_cases())
+def test_headless_model_returns_pooled_features(classifier):
+    case = classifier
     features = build_smallest(case, num_classes=0)(smallest_input(case))
     assert len(features.shape) == 2 and features.shape[0] == 2
 
 
-def test_features_only_returns_maps_and_checks_out_indices(case):
+@pytest.mark.parametrize("classifier", classification_cases())
+def test_features_only_returns_maps_and_checks_out_indices(classifier):
+    case = classifier
     model = build_smallest(case, features_only=True, out_indices=(0,))  # smallest: 1 block
     h, w = _size(case)
     maps = model(smallest_input(case))
@@ -101,6 +124,11 @@ def test_features_only_returns_maps_and_checks_out_indices(case):
 
 
 # Last: it changes the module's model's weights.
-def test_one_training_step_lowers_the_loss(model, x):
+def test_one_training_step_lowers_the_loss(case, model, x):
     # lr 1e-4: at 1e-3 the step overshoots on BoTNet's BatchNorm-heavy stages.
-    check_train_step_lowers_loss(model, x, np.arange(BATCH), lr=1e-4)
+    if task_of(case) == "classification":
+        labels = np.arange(BATCH)
+    else:  # random per-pixel labels of the logits' size
+        h, w = model.output_shape[1:3]
+        labels = np.random.default_rng(0).integers(0, _num_classes(case), (BATCH, h, w))
+    check_train_step_lowers_loss(model, x, labels, lr=1e-4)

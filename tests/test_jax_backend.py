@@ -16,14 +16,20 @@ import keras
 import numpy as np
 import pytest
 
-from families import SMALLEST, build_smallest, missing_families, smallest_input
+from families import (
+    SMALLEST,
+    build_smallest,
+    classification_cases,
+    missing_families,
+    smallest_input,
+)
 
 RTOL = 1e-4  # of max(1, the output's largest magnitude)
 # Each family's smallest model, its features_only pyramid (a list of maps) and DeiT's two
 # training heads: multi-output models compare every output.
 VARIANTS = {case: (case, {}) for case in SMALLEST}
 VARIANTS.update({f"{case}-features": (case, dict(features_only=True, out_indices=(0, -1)))
-                 for case in SMALLEST})
+                 for case in classification_cases()})
 VARIANTS["tnt-features"][1]["depth"] = 2  # the smallest TNT has one block
 VARIANTS["deit-distilled_training"] = ("deit", dict(distilled_training=True))
 
