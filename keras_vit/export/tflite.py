@@ -20,6 +20,9 @@ MIN_TOP1_AGREEMENT = {"dynamic": 0.9, "int8": 0.9}
 # difference relative to the output's scale (a small random PVT v2 pyramid measured up to
 # 0.05 dynamic, 0.20 int8 on its first stage).
 MAX_QUANTIZED_RELATIVE_DIFF = {"dynamic": 0.1, "int8": 0.3}
+# Segmentation logits (N, H, W, K): the per-pixel argmax must agree this often (float modes
+# as well as the relative bound; integer modes instead of it).
+MIN_PIXEL_AGREEMENT = {"none": 0.99, "float16": 0.99, "dynamic": 0.9, "int8": 0.9}
 
 
 class TFLiteExportError(RuntimeError):
@@ -170,6 +173,14 @@ def _is_logits(array):
     return array.ndim == 2 and array.shape[-1] > 1
 
 
+def _segmentation_model(model):
+    """A registered segmentation model's (by its name): its 4-D outputs are per-pixel logits."""
+    from keras_vit.registry import _MODELS
+
+    entry = _MODELS.get(model.name)
+    return entry is not None and entry[1].get("task") == "segmentation"
+
+
 def verify_tflite(path, model, inputs):
     """Runs the .tflite file on ``inputs`` (N samples; the file's batch size divides N) and
     compares each of its outputs with the Keras model's.
@@ -179,7 +190,8 @@ def verify_tflite(path, model, inputs):
     ``output_i``), max_abs_diff, relative_diff (to that Keras output's max magnitude) and,
     for logits-like (N, C) outputs, top1_agreement; the top-level max_abs_diff and
     relative_diff are the worst over outputs, top1_agreement the lowest (None when no output
-    is logits-like)."""
+    is logits-like); segmentation models' per-pixel logits get pixel_agreement (of the
+    argmax over classes), the top-level one the lowest."""
     names = input_names(model)
     if isinstance(inputs, dict):
         arrays = [np.asarray(inputs[name], np.float32) for name in names]
@@ -202,7 +214,7 @@ def verify_tflite(path, model, inputs):
     if len(refs) != len(lite_batches[0]):
         raise TFLiteExportError(f"the TFLite file has {len(lite_batches[0])} outputs, the "
                                 f"Keras model {len(refs)}")
-    per_output = {}
+    per_output, segmentation = {}, _segmentation_model(model)
     for k, (name, ref) in enumerate(zip(_output_names(reference), refs)):
         lite = np.concatenate([b[k] for b in lite_batches])
         if lite.shape != ref.shape:
@@ -213,11 +225,15 @@ def verify_tflite(path, model, inputs):
         row = dict(shape=list(ref.shape), max_abs_diff=diff, relative_diff=diff / scale)
         if _is_logits(ref):
             row["top1_agreement"] = float(np.mean(lite.argmax(-1) == ref.argmax(-1)))
+        elif ref.ndim == 4 and segmentation:
+            row["pixel_agreement"] = float(np.mean(lite.argmax(-1) == ref.argmax(-1)))
         per_output[name] = row
     top1 = [r["top1_agreement"] for r in per_output.values() if "top1_agreement" in r]
+    pixel = [r["pixel_agreement"] for r in per_output.values() if "pixel_agreement" in r]
     return dict(max_abs_diff=max(r["max_abs_diff"] for r in per_output.values()),
                 relative_diff=max(r["relative_diff"] for r in per_output.values()),
-                top1_agreement=min(top1) if top1 else None, outputs=per_output,
+                top1_agreement=min(top1) if top1 else None,
+                pixel_agreement=min(pixel) if pixel else None, outputs=per_output,
                 size_bytes=os.path.getsize(path))
 
 
@@ -241,6 +257,13 @@ def check_report(report, quantization):
     (feature maps, boxes), their relative difference."""
     failures = []
     for name, row in report["outputs"].items():
+        if "pixel_agreement" in row and row["pixel_agreement"] < MIN_PIXEL_AGREEMENT[
+                quantization]:
+            failures.append(f"output {name!r} per-pixel argmax agreement with Keras is "
+                            f"{row['pixel_agreement']:.3f} (< "
+                            f"{MIN_PIXEL_AGREEMENT[quantization]})")
+        if quantization not in FLOAT_TOLERANCE and "pixel_agreement" in row:
+            continue  # quantized segmentation logits: judged by their argmax alone
         if quantization in FLOAT_TOLERANCE or "top1_agreement" not in row:
             tolerance = {**FLOAT_TOLERANCE, **MAX_QUANTIZED_RELATIVE_DIFF}[quantization]
             if not row["relative_diff"] <= tolerance:
