@@ -1,4 +1,5 @@
-"""Learning-rate schedules: linear warmup then cosine decay or constant (DeiT/timm recipe)."""
+"""Learning-rate schedules: linear warmup then cosine decay or constant (DeiT/timm recipe), or
+polynomial decay (the segmentation references' ``poly``)."""
 
 import math
 
@@ -8,13 +9,19 @@ from keras import ops
 
 @keras.saving.register_keras_serializable(package="keras_vit")
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warmup from 0 over ``warmup_steps``, then ``cosine`` decay to ``min_lr`` or ``constant``."""
+    """Linear warmup from 0 over ``warmup_steps``, then ``cosine`` decay to ``min_lr``,
+    ``constant``, or ``poly``: (base - min) * (1 - progress) ** power + min, mmseg's
+    PolyLR (SegFormer: power 1.0, min 0; SETR: power 0.9)."""
 
-    def __init__(self, base_lr, total_steps, warmup_steps=0, schedule="cosine", min_lr=0.0):
-        if schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+    SCHEDULES = ("cosine", "constant", "poly")
+
+    def __init__(self, base_lr, total_steps, warmup_steps=0, schedule="cosine", min_lr=0.0,
+                 power=1.0):
+        if schedule not in self.SCHEDULES:
+            raise ValueError(f"schedule must be one of {self.SCHEDULES}, got {schedule!r}")
         self.base_lr, self.total_steps = float(base_lr), int(max(total_steps, 1))
         self.warmup_steps, self.schedule, self.min_lr = int(warmup_steps), schedule, float(min_lr)
+        self.power = float(power)
 
     def __call__(self, step):
         step = ops.cast(step, "float32")
@@ -24,10 +31,14 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         else:
             span = max(self.total_steps - self.warmup_steps, 1)
             progress = ops.clip((step - self.warmup_steps) / span, 0.0, 1.0)
-            after = self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (
-                1.0 + ops.cos(math.pi * progress))
+            if self.schedule == "poly":
+                after = self.min_lr + (self.base_lr - self.min_lr) * (1.0 - progress) ** self.power
+            else:
+                after = self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (
+                    1.0 + ops.cos(math.pi * progress))
         return ops.where(step < self.warmup_steps, warm, after)
 
     def get_config(self):
         return dict(base_lr=self.base_lr, total_steps=self.total_steps,
-                    warmup_steps=self.warmup_steps, schedule=self.schedule, min_lr=self.min_lr)
+                    warmup_steps=self.warmup_steps, schedule=self.schedule, min_lr=self.min_lr,
+                    power=self.power)
