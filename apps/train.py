@@ -20,7 +20,9 @@ from absl import app, flags, logging  # noqa: E402
 F = flags.FLAGS
 flags.DEFINE_string("model", "vit_tiny_patch16_224", "Registered model name (keras_vit.list_models()).")
 flags.DEFINE_string("model_args", "{}", "JSON dict of builder overrides, e.g. '{\"patch_size\": 4, \"depth\": 6}'.")
-flags.DEFINE_string("dataset", "shapes", "shapes | folder:PATH | tfrecord:GLOB | tfds:NAME.")
+flags.DEFINE_enum("task", None, ["classification", "segmentation"], "Task (default: the model's).")
+flags.DEFINE_string("dataset", "shapes", "shapes | folder:PATH | tfrecord:GLOB | tfds:NAME "
+                    "(segmentation: shapes | folder:PATH of images/ + annotations/, docs/data.md).")
 flags.DEFINE_integer("img_size", None, "Input size (default: the model's).")
 flags.DEFINE_integer("train_samples", None, "shapes: number of training images.")
 flags.DEFINE_integer("val_samples", None, "shapes: number of validation images.")
@@ -31,7 +33,8 @@ flags.DEFINE_enum("optimizer", "adamw", ["adamw", "sgd"], "Optimizer.")
 flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate.")
 flags.DEFINE_float("weight_decay", 0.05, "Decoupled weight decay.")
 flags.DEFINE_float("warmup_epochs", 0.0, "Linear warmup length in epochs.")
-flags.DEFINE_enum("schedule", "cosine", ["cosine", "constant"], "Schedule after warmup.")
+flags.DEFINE_enum("schedule", None, ["cosine", "constant", "poly"],
+                  "Schedule after warmup (default: cosine; segmentation: poly, power 1).")
 flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing.")
 flags.DEFINE_bool("randaugment", False, "RandAugment (Keras core layer) on training images.")
 flags.DEFINE_float("mixup", 0.0, "MixUp alpha (0: off).")
@@ -48,7 +51,8 @@ flags.DEFINE_string("export_dir", None, "Export SavedModel (and TFLite) here at 
 flags.DEFINE_enum("export_tflite", "none", ["none", "fp32", "fp16", "dynamic", "int8"], "TFLite export.")
 flags.DEFINE_integer("checkpoint_every", 100, "Save a checkpoint every N steps (and every epoch).")
 flags.DEFINE_integer("seed", 0, "Random seed (data, init, augmentation).")
-flags.DEFINE_bool("strict_data", False, "Fail on unreadable images instead of skipping them.")
+flags.DEFINE_bool("strict_data", False, "Fail on unreadable images (and bad masks) instead of skipping them.")
+flags.DEFINE_bool("reduce_zero_label", False, "Segmentation folders: mask id 0 is 'other' (ADE20K): ignored, ids shift down by one.")
 flags.DEFINE_integer("cpu_replicas", 0, "Split the CPU into N logical devices (tests, mirrored on CPU).")
 
 
@@ -90,12 +94,18 @@ def print_summary(s):
              f"{s['steps']} steps in {s['train_seconds']:.0f} s"]
     if "val_accuracy" in s:
         lines.append(f"validation accuracy {100 * s['val_accuracy']:.1f}%")
+    if "val_miou" in s:
+        lines.append(f"validation mIoU {100 * s['val_miou']:.1f}%, pixel accuracy "
+                     f"{100 * s['val_pixel_accuracy']:.1f}%")
     if "saved_model" in s:
         lines.append(f"SavedModel: {s['saved_model']}")
     if "tflite" in s:
         r = s["tflite"]
         lines.append(f"TFLite ({r['quantization']}): {r['path']} {r['size_bytes'] / 1e6:.2f} MB, "
-                     f"top-1 agreement with Keras {100 * r['top1_agreement']:.1f}%, "
+                     + (f"top-1 agreement with Keras {100 * r['top1_agreement']:.1f}%, "
+                        if r.get("top1_agreement") is not None else
+                        f"per-pixel agreement with Keras {100 * r['pixel_agreement']:.1f}%, "
+                        if r.get("pixel_agreement") is not None else "") +
                      f"max abs diff {r['max_abs_diff']:.2e}")
     print("\n== summary ==\n" + "\n".join(lines), flush=True)
     logging.info("summary: %s", s)

@@ -19,6 +19,7 @@ from keras_vit.training.strategy import STRATEGIES, get_strategy, is_chief
 
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
+TASKS = ("classification", "segmentation")
 TFLITE_EXPORTS = ("none", "fp32", "fp16", "dynamic", "int8")
 _TFLITE_MODE = {"fp32": "none", "fp16": "float16", "dynamic": "dynamic", "int8": "int8"}
 
@@ -26,6 +27,7 @@ _TFLITE_MODE = {"fp32": "none", "fp16": "float16", "dynamic": "dynamic", "int8":
 @dataclasses.dataclass
 class TrainConfig:
     model: str = "vit_tiny_patch16_224"
+    task: str = None  # None: the model's (registry): classification or segmentation
     model_args: dict = dataclasses.field(default_factory=dict)  # builder overrides (depth, ...)
     dataset: str = "shapes"
     img_size: int = None  # None: the model's default input size
@@ -38,7 +40,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 0.0
-    schedule: str = "cosine"
+    schedule: str = None  # None: the task's (classification cosine, segmentation poly)
     label_smoothing: float = 0.0
     randaugment: bool = False
     mixup: float = 0.0
@@ -56,6 +58,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     seed: int = 0
     strict_data: bool = False
+    reduce_zero_label: bool = False  # segmentation folders: ADE20K's 0 = "other" -> ignored
 
 
 def validate(config):
@@ -72,7 +75,17 @@ def validate(config):
     need(config.steps_per_epoch is None or config.steps_per_epoch > 0,
          "--steps_per_epoch must be positive")
     need(config.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}")
-    need(config.schedule in ("cosine", "constant"), "--schedule must be cosine or constant")
+    need(config.schedule in (None,) + WarmupSchedule.SCHEDULES,
+         f"--schedule must be one of {WarmupSchedule.SCHEDULES}")
+    need(config.task in (None,) + TASKS, f"--task must be one of {TASKS}")
+    task = _task(config)
+    if task == "segmentation":
+        need(config.dataset.split(":", 1)[0] in ("shapes", "folder"),
+             f"--task=segmentation reads shapes or folder:PATH, got --dataset={config.dataset!r}")
+        need(not (config.teacher or config.mixup or config.cutmix or config.randaugment
+                  or config.label_smoothing),
+             "--teacher, --mixup, --cutmix, --randaugment and --label_smoothing are "
+             "classification options; --task=segmentation does not take them")
     need(config.strategy in STRATEGIES, f"--strategy must be one of {STRATEGIES}")
     need(config.mixed_precision in PRECISIONS, f"--mixed_precision must be one of {PRECISIONS}")
     need(config.export_tflite in TFLITE_EXPORTS, f"--export_tflite must be one of {TFLITE_EXPORTS}")
@@ -93,6 +106,36 @@ def validate(config):
                          f"got {config.dataset!r}")
     if kind == "folder" and not os.path.isdir(config.dataset.split(":", 1)[1]):
         raise ValueError(f"--dataset {config.dataset!r}: no such directory")
+
+
+def _task(config):
+    """The task of a run: --task, else the model's registry task."""
+    from keras_vit.registry import get_model_config
+
+    return config.task or get_model_config(config.model)["task"]
+
+
+def _classification_pipelines(config, img_size, cfg):
+    """(train pipeline, validation pipeline or None, DatasetInfo, pipeline settings)."""
+    from keras_vit.data import load_dataset, make_pipeline
+
+    train_ds, info = load_dataset(config.dataset, "train", img_size=img_size, seed=config.seed,
+                                  num_samples=config.train_samples, strict=config.strict_data)
+    try:
+        val_ds, _ = load_dataset(config.dataset, "validation", img_size=img_size,
+                                 seed=config.seed, num_samples=config.val_samples,
+                                 strict=config.strict_data)
+    except (ValueError, FileNotFoundError) as e:
+        logging.warning("no validation split (%s); training without validation", e)
+        val_ds = None
+    pipe = dict(img_size=img_size, batch_size=config.batch_size, num_classes=info.num_classes,
+                mean=cfg["mean"], std=cfg["std"], interpolation=cfg.get("interpolation", "bicubic"),
+                crop_pct=cfg.get("crop_pct", 0.875), seed=config.seed)
+    train_pipe = make_pipeline(train_ds, training=True, randaugment=config.randaugment,
+                               mixup=config.mixup, cutmix=config.cutmix,
+                               label_smoothing=config.label_smoothing, repeat=True, **pipe)
+    val_pipe = make_pipeline(val_ds, training=False, **pipe) if val_ds is not None else None
+    return train_pipe, val_pipe, info, pipe
 
 
 def _unknown_model(name):
@@ -128,9 +171,14 @@ def _load_teacher(spec, num_classes, img_size):
 
 
 def inference_model(model):
-    """The deployable model: distilled students average their two heads."""
+    """The deployable model: distilled students average their two heads; segmentation
+    models trained with auxiliary heads keep the main one."""
     from keras_vit.models.vit import distilled_inference_model
+    from keras_vit.registry import get_model_config, list_models
+    from keras_vit.segmentation.training import segmentation_inference_model
 
+    if model.name in list_models() and get_model_config(model.name)["task"] == "segmentation":
+        return segmentation_inference_model(model)
     return distilled_inference_model(model) if len(model.outputs) == 2 else model
 
 
@@ -140,10 +188,11 @@ def _worker_index():
 
 def train(config):
     """Trains as configured; resumes from model_dir's last checkpoint. Returns a summary dict."""
-    from keras_vit.data import load_dataset, make_pipeline
     from keras_vit.registry import get_model_config
+    from keras_vit.segmentation import training as segmentation
 
     validate(config)
+    task = _task(config)
     start = time.time()
     keras.utils.set_random_seed(config.seed)
     strategy = get_strategy(config.strategy, config.tpu)
@@ -153,24 +202,11 @@ def train(config):
                          f"{replicas} replicas")
     cfg = get_model_config(config.model)
     img_size = config.img_size or cfg["input_size"]
-    train_ds, info = load_dataset(config.dataset, "train", img_size=img_size, seed=config.seed,
-                                  num_samples=config.train_samples, strict=config.strict_data)
-    try:
-        val_ds, _ = load_dataset(config.dataset, "validation", img_size=img_size,
-                                 seed=config.seed, num_samples=config.val_samples,
-                                 strict=config.strict_data)
-    except (ValueError, FileNotFoundError) as e:
-        logging.warning("no validation split (%s); training without validation", e)
-        val_ds = None
+    make_pipelines = (segmentation.segmentation_pipelines if task == "segmentation"
+                      else _classification_pipelines)
+    train_pipe, val_pipe, info, pipe = make_pipelines(config, img_size, cfg)
     steps_per_epoch = config.steps_per_epoch or max(info.num_examples // config.batch_size, 1)
     total_steps = steps_per_epoch * config.epochs
-    pipe = dict(img_size=img_size, batch_size=config.batch_size, num_classes=info.num_classes,
-                mean=cfg["mean"], std=cfg["std"], interpolation=cfg.get("interpolation", "bicubic"),
-                crop_pct=cfg.get("crop_pct", 0.875), seed=config.seed)
-    train_pipe = make_pipeline(train_ds, training=True, randaugment=config.randaugment,
-                               mixup=config.mixup, cutmix=config.cutmix,
-                               label_smoothing=config.label_smoothing, repeat=True, **pipe)
-    val_pipe = make_pipeline(val_ds, training=False, **pipe) if val_ds is not None else None
 
     if config.mixed_precision != "none":
         keras.mixed_precision.set_global_policy(config.mixed_precision)
@@ -184,7 +220,9 @@ def train(config):
     with strategy.scope():
         student = _build_student(config, info.num_classes, img_size)
         schedule = WarmupSchedule(config.learning_rate, total_steps,
-                                  int(config.warmup_epochs * steps_per_epoch), config.schedule)
+                                  int(config.warmup_epochs * steps_per_epoch),
+                                  config.schedule or ("poly" if task == "segmentation"
+                                                      else "cosine"))
         if config.optimizer == "adamw":
             optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
         else:
@@ -196,6 +234,12 @@ def train(config):
             model = DistillationModel(student, teacher, config.distillation,
                                       label_smoothing=config.label_smoothing)
             model.compile(optimizer=optimizer, jit_compile=config.jit_compile)
+        elif task == "segmentation":
+            model = student
+            loss, loss_weights, metrics = segmentation.segmentation_loss_and_metrics(
+                student, info.num_classes)
+            model.compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights,
+                          metrics=metrics, jit_compile=config.jit_compile)
         else:
             model = student
             loss = (keras.losses.CategoricalCrossentropy(from_logits=True) if soft_labels
@@ -240,11 +284,16 @@ def train(config):
                   verbose=verbose)
     final_step = int(optimizer.iterations.numpy())
 
-    summary = dict(model=config.model, steps=final_step, total_steps=total_steps,
+    summary = dict(model=config.model, task=task, steps=final_step, total_steps=total_steps,
                    num_classes=info.num_classes, class_names=info.class_names,
                    img_size=img_size, train_seconds=round(time.time() - start, 1))
     deploy = inference_model(student)
-    if val_pipe is not None:
+    if task == "segmentation":
+        if val_pipe is not None:
+            metrics = segmentation.evaluate_segmentation(deploy, val_pipe, info.num_classes)
+            summary.update(val_miou=metrics["mIoU"], val_pixel_accuracy=metrics["pixel_accuracy"],
+                           val_per_class_iou=metrics["per_class_iou"])
+    elif val_pipe is not None:
         summary["val_accuracy"] = evaluate_accuracy(deploy, val_pipe)
     if chief:
         deploy.save(os.path.join(config.model_dir, "model.keras"))

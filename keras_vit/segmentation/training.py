@@ -1,0 +1,89 @@
+"""What the trainer and the apps do differently for the segmentation task: data, loss and
+metric, the deployable model and the evaluation (mIoU from a confusion matrix)."""
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_vit.segmentation.losses import IGNORE_INDEX, SegmentationCrossEntropy, resize_logits
+from keras_vit.segmentation.metrics import ConfusionMatrix
+
+# SETR's auxiliary heads weigh 0.4 of the main loss in the official configs.
+AUX_LOSS_WEIGHT = 0.4
+
+
+def segmentation_pipelines(config, img_size, cfg):
+    """(train pipeline, validation pipeline or None, DatasetInfo, pipeline settings) for a
+    TrainConfig, as the classification data step of the trainer returns them."""
+    from absl import logging
+
+    from keras_vit.segmentation.data import load_segmentation_dataset, make_segmentation_pipeline
+
+    load = dict(img_size=img_size, seed=config.seed, strict=config.strict_data,
+                reduce_zero_label=config.reduce_zero_label)
+    train_ds, info = load_segmentation_dataset(config.dataset, "train",
+                                               num_samples=config.train_samples, **load)
+    try:
+        val_ds, _ = load_segmentation_dataset(config.dataset, "validation",
+                                              num_samples=config.val_samples,
+                                              num_classes=info.num_classes, **load)
+    except ValueError as e:
+        logging.warning("no validation split (%s); training without validation", e)
+        val_ds = None
+    pipe = dict(img_size=img_size, batch_size=config.batch_size, mean=cfg["mean"],
+                std=cfg["std"], seed=config.seed)
+    train_pipe = make_segmentation_pipeline(train_ds, training=True, repeat=True, **pipe)
+    val_pipe = (make_segmentation_pipeline(val_ds, training=False, **pipe)
+                if val_ds is not None else None)
+    return train_pipe, val_pipe, info, dict(pipe, num_classes=info.num_classes,
+                                            task="segmentation",
+                                            reduce_zero_label=config.reduce_zero_label)
+
+
+@keras.saving.register_keras_serializable(package="keras_vit")
+class SegmentationMeanIoU(keras.metrics.MeanIoU):
+    """Keras' MeanIoU on logits: resized to the labels' size, argmax, ignore index left out.
+    A running estimate for the progress lines; the reported mIoU is ``evaluate_segmentation``."""
+
+    def __init__(self, num_classes, name="mean_iou", ignore_class=IGNORE_INDEX, **kwargs):
+        super().__init__(num_classes=num_classes, name=name, ignore_class=ignore_class,
+                         sparse_y_true=True, sparse_y_pred=True, **kwargs)
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        y_pred = resize_logits(y_pred, tuple(y_true.shape[1:3]))
+        return super().update_state(y_true, ops.argmax(y_pred, axis=-1), sample_weight)
+
+    def get_config(self):
+        config = super().get_config()
+        for key in ("sparse_y_true", "sparse_y_pred", "axis", "target_class_ids"):
+            config.pop(key, None)
+        return config
+
+
+def segmentation_loss_and_metrics(model, num_classes):
+    """The loss (a list with aux weights when the model has auxiliary heads) and metrics."""
+    loss = SegmentationCrossEntropy()
+    if len(model.outputs) > 1:  # [main, aux...]: SETR's training heads
+        aux = len(model.outputs) - 1
+        return ([loss] * (aux + 1), [1.0] + [AUX_LOSS_WEIGHT] * aux,
+                [[SegmentationMeanIoU(num_classes)]] + [[] for _ in range(aux)])
+    return loss, None, [SegmentationMeanIoU(num_classes)]
+
+
+def segmentation_inference_model(model):
+    """The deployable model: the main head alone when training added auxiliary heads."""
+    if len(model.outputs) == 1:
+        return model
+    return keras.Model(model.inputs, model.outputs[0], name=model.name)
+
+
+def evaluate_segmentation(model, pipe, num_classes, ignore_index=IGNORE_INDEX):
+    """mIoU, per-class IoU, pixel accuracy (``segmentation_metrics``) over a pipeline of
+    (images, masks), the logits resized to the masks' size as ``predict_masks`` does."""
+    confusion = ConfusionMatrix(num_classes, ignore_index)
+    for images, masks in pipe:
+        logits = model(images, training=False)
+        logits = logits[0] if isinstance(logits, (list, tuple)) else logits
+        predicted = ops.argmax(resize_logits(logits, tuple(masks.shape[1:3])), axis=-1)
+        confusion.update(np.asarray(masks), ops.convert_to_numpy(predicted))
+    return confusion.result()
