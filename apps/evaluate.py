@@ -32,6 +32,10 @@ flags.DEFINE_string("config_from", None, "Registered model whose mean/std/crop t
 flags.DEFINE_string("output_dir", None, "Where metrics.json and confusion_matrix.png go "
                     "(default: the model_dir, or next to the .keras file).")
 flags.DEFINE_integer("seed", 0, "Seed of the shapes data (the training run's seed).")
+flags.DEFINE_enum("task", None, ["classification", "segmentation"],
+                  "Task (default: the run's preprocessing.json, else the model's).")
+flags.DEFINE_bool("reduce_zero_label", None, "Segmentation folders: ADE20K's 0 = 'other' "
+                  "(default: the run's setting).")
 
 
 def preprocessing(model_path, model):
@@ -87,6 +91,34 @@ def plot_confusion(confusion, names, path):
     plt.close(fig)
 
 
+def _registry_task(model):
+    from keras_vit.registry import get_model_config, list_models
+
+    return get_model_config(model.name)["task"] if model.name in list_models() else None
+
+
+def evaluate_segmentation(model, prep, img_size):
+    """mIoU, per-class IoU, pixel accuracy -> metrics.json; segmentation_samples.png."""
+    from keras_vit.segmentation.training import evaluate_dataset
+
+    reduce_zero_label = (F.reduce_zero_label if F.reduce_zero_label is not None
+                         else prep.get("reduce_zero_label", False))
+    out = F.output_dir or model_dir_of(F.model_path)
+    try:
+        metrics = evaluate_dataset(model, F.dataset, F.split, img_size=img_size,
+                                   mean=prep["mean"], std=prep["std"],
+                                   class_names=prep.get("class_names"), batch_size=F.batch_size,
+                                   num_samples=F.val_samples, seed=F.seed,
+                                   reduce_zero_label=reduce_zero_label, output_dir=out)
+    except ValueError as e:
+        fail(str(e))
+    print(f"mIoU {100 * metrics['mIoU']:.2f}%  pixel accuracy "
+          f"{100 * metrics['pixel_accuracy']:.2f}%  ({metrics['count']} images)")
+    for name, iou in zip(metrics["class_names"], metrics["per_class_iou"]):
+        print(f"  {name:>12s} " + ("   n/a" if iou is None else f"{100 * iou:6.2f}%"))
+    print(f"metrics and samples in {out}")
+
+
 def main(argv):
     del argv
     from keras_vit.data import load_dataset, make_pipeline
@@ -94,6 +126,8 @@ def main(argv):
     model = load_model(F.model_path)
     prep = preprocessing(F.model_path, model)
     img_size = F.img_size or prep["img_size"]
+    if (F.task or prep.get("task") or _registry_task(model)) == "segmentation":
+        return evaluate_segmentation(model, prep, img_size)
     try:
         ds, info = load_dataset(F.dataset, F.split, img_size=img_size, seed=F.seed,
                                 num_samples=F.val_samples)

@@ -16,7 +16,7 @@ from keras import ops
 from keras_vit.segmentation.losses import SegmentationCrossEntropy, resize_logits
 from keras_vit.segmentation.metrics import ConfusionMatrix, segmentation_metrics
 
-_SHARED = ("metrics", "losses", "data", "training")
+_SHARED = ("metrics", "losses", "data", "training", "plots")
 
 for _info in pkgutil.iter_modules(__path__):
     if _info.name not in _SHARED and not _info.name.startswith("_"):
