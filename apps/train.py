@@ -3,7 +3,9 @@
     python apps/train.py --model=vit_tiny_patch16_224 --img_size=32 --dataset=shapes \
         --epochs=10 --batch_size=128 --model_dir=runs/vit_tiny --export_dir=saved_models/vit_tiny
 
-Resumes from --model_dir's last checkpoint when started again with the same flags.
+Resumes from --model_dir's newest usable checkpoint when started again with the same flags;
+SIGTERM saves a checkpoint of the current step and exits with status 143. --model_dir may be
+any path TensorFlow writes (gs://...); nothing is written there before every input is checked.
 absl's --flagfile=FILE works; the resolved flags are written to MODEL_DIR/flags.txt.
 """
 
@@ -11,7 +13,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import fail, parse_model_args, prepare_environment  # noqa: E402
+from common import app_flags_text, fail, parse_model_args, prepare_environment  # noqa: E402
 
 prepare_environment()
 
@@ -50,6 +52,8 @@ flags.DEFINE_string("model_dir", "runs/default", "Checkpoints, TensorBoard logs,
 flags.DEFINE_string("export_dir", None, "Export SavedModel (and TFLite) here at the end.")
 flags.DEFINE_enum("export_tflite", "none", ["none", "fp32", "fp16", "dynamic", "int8"], "TFLite export.")
 flags.DEFINE_integer("checkpoint_every", 100, "Save a checkpoint every N steps (and every epoch).")
+flags.DEFINE_integer("keep_checkpoints", 2, "Keep the newest N step checkpoints (an unreadable "
+                     "newest one falls back to the one before).")
 flags.DEFINE_integer("seed", 0, "Random seed (data, init, augmentation).")
 flags.DEFINE_bool("strict_data", False, "Fail on unreadable images (and bad masks) instead of skipping them.")
 flags.DEFINE_bool("reduce_zero_label", False, "Segmentation folders: mask id 0 is 'other' (ADE20K): ignored, ids shift down by one.")
@@ -72,21 +76,33 @@ def main(argv):
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * F.cpu_replicas)
     from keras_vit.training import TrainingDiverged, train, validate
+    from keras_vit.training.callbacks import Preempted
+    from keras_vit.training.trainer import WorkerLost
 
     config = config_from_flags()
     try:
         validate(config)
     except ValueError as e:
         fail(str(e))
-    os.makedirs(config.model_dir, exist_ok=True)
-    F.append_flags_into_file(os.path.join(config.model_dir, "flags.txt"))
-    try:
-        summary = train(config)
-    except TrainingDiverged as e:
+    try:  # writes nothing into --model_dir until every input has been checked
+        summary = train(config, flags_text=app_flags_text())
+    except (TrainingDiverged, ValueError) as e:  # checks that need data, strategy or model
         fail(str(e))
-    except ValueError as e:  # data/batch checks that need the data or the strategy
-        fail(str(e))
+    except Preempted as e:
+        stop(str(e), PREEMPTED_EXIT_CODE)
+    except WorkerLost as e:
+        stop(str(e), 1)
     print_summary(summary)
+
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a job ended by SIGTERM
+
+
+def stop(message, code):
+    """Ends a run that started (preempted, a lost worker) with a message and ``code``."""
+    logging.error(message)
+    print(f"stopped: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def print_summary(s):

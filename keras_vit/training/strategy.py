@@ -70,3 +70,59 @@ def is_chief():
     task = config.get("task", {})
     return task.get("type", "worker") in ("chief", "worker") and task.get("index", 0) == 0 and (
         task.get("type") == "chief" or "chief" not in config.get("cluster", {}))
+
+
+
+def is_multi_worker(strategy):
+    """True when the strategy's replicas span several processes (a multi-worker cluster)."""
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.num_replicas_in_sync > len(strategy.extended.worker_devices))
+
+
+def _device_types(strategy):
+    if strategy is None:
+        return {"GPU"} if tf.config.list_logical_devices("GPU") else {"CPU"}
+    return {tf.DeviceSpec.from_string(d).device_type or "CPU"
+            for d in strategy.extended.worker_devices}
+
+
+def resolve_jit_compile(requested, strategy=None, what="the train and eval steps"):
+    """Whether to XLA-compile under ``strategy``: the one decision every app makes.
+
+    XLA has no CPU collectives ("Collectives are not yet implemented for CPU devices when
+    compiling with XLA", then a crash): a step that all-reduces across replicas or workers
+    on CPUs runs as a plain tf.function graph instead; everything else compiles as asked.
+    Logs one line when it overrides the request."""
+    if not requested:
+        return False
+    replicated = strategy is not None and (strategy.num_replicas_in_sync > 1
+                                           or is_multi_worker(strategy))
+    if replicated and _device_types(strategy) == {"CPU"}:
+        logging.warning("XLA off for %s: %s with %d replicas on CPU devices all-reduces inside "
+                        "the step, and XLA has no CPU collectives; running them as tf.function "
+                        "graphs (--jit_compile applies on GPUs and TPUs)", what,
+                        type(strategy).__name__, strategy.num_replicas_in_sync)
+        return False
+    return True
+
+
+def any_worker(strategy, flag):
+    """True on every worker when ``flag`` is true on any of them (one scalar all-reduce in
+    a multi-worker cluster, so that all workers act at the same step); ``flag`` elsewhere."""
+    if not is_multi_worker(strategy):
+        return bool(flag)
+    value = strategy.run(lambda: tf.constant(1.0 if flag else 0.0))
+    return float(strategy.reduce("SUM", value, axis=None)) > 0
+
+
+
+def same_on_every_worker(strategy, value):
+    """Whether an integer is the same on every worker (True outside a cluster): all equal
+    exactly when sum(v)^2 == n * sum(v^2), one all-reduce of (1, v, v^2)."""
+    if not is_multi_worker(strategy):
+        return True
+    v = float(value)
+    total = strategy.reduce("SUM", strategy.run(lambda: tf.constant([1.0, v, v * v], tf.float64)),
+                            axis=None).numpy()
+    n, s1, s2 = total
+    return abs(s1 * s1 - n * s2) < 0.5

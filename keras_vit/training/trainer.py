@@ -15,7 +15,8 @@ from absl import logging
 from keras_vit.training import callbacks as cb
 from keras_vit.training.distillation import DistillationModel
 from keras_vit.training.schedules import WarmupSchedule
-from keras_vit.training.strategy import STRATEGIES, get_strategy, is_chief
+from keras_vit.training.strategy import (STRATEGIES, get_strategy, is_chief, is_multi_worker,
+                                         resolve_jit_compile, same_on_every_worker)
 
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
@@ -56,6 +57,7 @@ class TrainConfig:
     export_dir: str = None
     export_tflite: str = "none"
     checkpoint_every: int = 100
+    keep_checkpoints: int = 2  # the newest N step checkpoints are kept
     seed: int = 0
     strict_data: bool = False
     reduce_zero_label: bool = False  # segmentation folders: ADE20K's 0 = "other" -> ignored
@@ -95,6 +97,7 @@ def validate(config):
     need(config.mixup >= 0 and config.cutmix >= 0, "--mixup/--cutmix must be >= 0")
     need(0 <= config.drop_path_rate < 1, "--drop_path_rate must be in [0, 1)")
     need(config.warmup_epochs >= 0, "--warmup_epochs must be >= 0")
+    need(config.keep_checkpoints >= 1, "--keep_checkpoints must be >= 1")
     if config.strategy == "tpu" and config.mixed_precision == "mixed_float16":
         raise ValueError("TPUs train in mixed_bfloat16, not mixed_float16")
     if config.teacher and not (config.teacher in list_models() or os.path.exists(config.teacher)):
@@ -143,7 +146,7 @@ def _unknown_model(name):
 
     from keras_vit.registry import list_models
 
-    close = difflib.get_close_matches(name, list_models(), n=5, cutoff=0.5)
+    close = difflib.get_close_matches(name, list_models(), n=5, cutoff=0.0)  # always some
     return f"--model {name!r} is not registered" + (f"; closest: {', '.join(close)}" if close else "")
 
 
@@ -186,123 +189,265 @@ def _worker_index():
     return json.loads(os.environ.get("TF_CONFIG", "{}") or "{}").get("task", {}).get("index", 0)
 
 
-def train(config):
-    """Trains as configured; resumes from model_dir's last checkpoint. Returns a summary dict."""
+def train(config, flags_text=None):
+    """Trains as configured; resumes from model_dir's newest usable checkpoint. Returns a
+    summary dict. Every input is checked (flags, model_dir, strategy, data, model, checkpoint)
+    before anything in model_dir is written, so a run that fails to start changes nothing
+    there; ``flags_text`` (the app's flags) goes to model_dir/flags.txt once it has started.
+    Raises ValueError for bad input, cb.Preempted after a SIGTERM checkpoint,
+    cb.TrainingDiverged on a NaN loss and WorkerLost when a cluster peer disappears."""
     from keras_vit.registry import get_model_config
-    from keras_vit.segmentation import training as segmentation
 
     validate(config)
+    check_model_dir_writable(config.model_dir)
     task = _task(config)
     start = time.time()
     keras.utils.set_random_seed(config.seed)
+    _enable_op_determinism()
     strategy = get_strategy(config.strategy, config.tpu)
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
         raise ValueError(f"--batch_size {config.batch_size} is not divisible by the "
                          f"{replicas} replicas")
+    jit_compile = resolve_jit_compile(config.jit_compile, strategy)
+
+    # Data
     cfg = get_model_config(config.model)
     img_size = config.img_size or cfg["input_size"]
-    make_pipelines = (segmentation.segmentation_pipelines if task == "segmentation"
-                      else _classification_pipelines)
-    train_pipe, val_pipe, info, pipe = make_pipelines(config, img_size, cfg)
+    train_pipe, val_pipe, info, pipe = _load_pipelines(config, task, img_size, cfg)
     steps_per_epoch = config.steps_per_epoch or max(info.num_examples // config.batch_size, 1)
     total_steps = steps_per_epoch * config.epochs
 
+    # Model, loss and metrics, optimizer
     if config.mixed_precision != "none":
         keras.mixed_precision.set_global_policy(config.mixed_precision)
+    with strategy.scope():
+        student, model, optimizer = _compiled_model(config, task, info, img_size,
+                                                    steps_per_epoch, total_steps, jit_compile)
+
+    # Checkpoint to resume from
     chief = is_chief()
     ckpt_dir = cb.checkpoint_dir(config.model_dir, chief, _worker_index())
-    os.makedirs(config.model_dir, exist_ok=True)
-    if chief:
-        write_json(os.path.join(config.model_dir, "config.json"), dataclasses.asdict(config))
-        write_json(os.path.join(config.model_dir, "preprocessing.json"),
-                   dict(pipe, class_names=info.class_names, model=config.model))
-    with strategy.scope():
-        student = _build_student(config, info.num_classes, img_size)
-        schedule = WarmupSchedule(config.learning_rate, total_steps,
-                                  int(config.warmup_epochs * steps_per_epoch),
-                                  config.schedule or ("poly" if task == "segmentation"
-                                                      else "cosine"))
-        if config.optimizer == "adamw":
-            optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
-        else:
-            optimizer = keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True,
-                                             weight_decay=config.weight_decay or None)
-        soft_labels = bool(config.mixup or config.cutmix or config.label_smoothing)
-        if config.teacher:
-            teacher = _load_teacher(config.teacher, info.num_classes, img_size)
-            model = DistillationModel(student, teacher, config.distillation,
-                                      label_smoothing=config.label_smoothing)
-            model.compile(optimizer=optimizer, jit_compile=config.jit_compile)
-        elif task == "segmentation":
-            model = student
-            loss, loss_weights, metrics = segmentation.segmentation_loss_and_metrics(
-                student, info.num_classes)
-            model.compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights,
-                          metrics=metrics, jit_compile=config.jit_compile)
-        else:
-            model = student
-            loss = (keras.losses.CategoricalCrossentropy(from_logits=True) if soft_labels
-                    else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-            metrics = [keras.metrics.CategoricalAccuracy(name="accuracy") if soft_labels
-                       else keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
-            model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
-                          jit_compile=config.jit_compile)
-        optimizer.build(model.trainable_variables)
-    step = cb.restore(model, ckpt_dir)
+    step = _restore(model, config.model_dir, ckpt_dir, chief, strategy)
     if step:
         logging.info("resuming from step %d of %d (%s)", step, total_steps, ckpt_dir)
 
-    history_path = os.path.join(config.model_dir, "history.json")
-    callbacks = [cb.StepCheckpoint(ckpt_dir, config.checkpoint_every), cb.LearningRateLogger(),
+    # Started: the run's files
+    if chief:
+        if flags_text is not None:
+            cb.write_text(cb.join(config.model_dir, "flags.txt"), flags_text)
+        write_json(cb.join(config.model_dir, "config.json"), dataclasses.asdict(config))
+        write_json(cb.join(config.model_dir, "preprocessing.json"),
+                   dict(pipe, class_names=info.class_names, model=config.model))
+
+    # Fit
+    history_path = cb.join(config.model_dir, "history.json")
+    checkpoints = cb.StepCheckpoint(ckpt_dir, config.checkpoint_every, config.keep_checkpoints)
+    sigterm = cb.SigtermCheckpoint(checkpoints, strategy)
+    callbacks = [checkpoints, sigterm, cb.LearningRateLogger(),
                  cb.HistoryFile(history_path) if chief else keras.callbacks.Callback()]
     if chief:
-        callbacks.append(keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs")))
+        callbacks.append(keras.callbacks.TensorBoard(cb.join(config.model_dir, "logs")))
     verbose = 1 if sys.stdout.isatty() else 0
     if not verbose:
         callbacks.append(cb.AbslProgress(total_steps, max(steps_per_epoch // 4, 1)))
     if config.teacher and val_pipe is not None:
-        callbacks.insert(1, _DistilledValidation(student, val_pipe))
-
-    _build_before_multi_worker_fit(model, strategy, train_pipe)
-    epoch, offset = divmod(step, steps_per_epoch)
-    data = train_pipe.skip(step)  # the pipeline is seeded: skipping replays the same order
+        callbacks.insert(2, _DistilledValidation(student, val_pipe))
     fit_val = None if config.teacher else val_pipe
-    if fit_val is not None and soft_labels:  # the categorical loss wants one-hot targets
-        import tensorflow as tf
+    if fit_val is not None and task != "segmentation" and _soft_labels(config):
+        import tensorflow as tf  # the categorical loss wants one-hot targets
 
         fit_val = fit_val.map(lambda x, y: (x, tf.one_hot(y, info.num_classes)))
-    if step < total_steps and offset:
-        model.fit(data, initial_epoch=epoch, epochs=epoch + 1,
-                  steps_per_epoch=steps_per_epoch - offset, validation_data=fit_val,
-                  callbacks=callbacks, verbose=verbose)
-        data = train_pipe.skip((epoch + 1) * steps_per_epoch)
-        epoch += 1
-    if epoch < config.epochs:
-        model.fit(data, initial_epoch=epoch, epochs=config.epochs,
-                  steps_per_epoch=steps_per_epoch, validation_data=fit_val, callbacks=callbacks,
-                  verbose=verbose)
+    sigterm.install()
+    try:
+        _fit(model, strategy, train_pipe, fit_val, step, steps_per_epoch, config.epochs,
+             callbacks, verbose)
+    finally:
+        sigterm.uninstall()
     final_step = int(optimizer.iterations.numpy())
 
+    # Evaluate and export
     summary = dict(model=config.model, task=task, steps=final_step, total_steps=total_steps,
                    num_classes=info.num_classes, class_names=info.class_names,
                    img_size=img_size, train_seconds=round(time.time() - start, 1))
     deploy = inference_model(student)
-    if task == "segmentation":
-        if val_pipe is not None:
-            metrics = segmentation.evaluate_segmentation(deploy, val_pipe, info.num_classes)
-            summary.update(val_miou=metrics["mIoU"], val_pixel_accuracy=metrics["pixel_accuracy"],
-                           val_per_class_iou=metrics["per_class_iou"])
-    elif val_pipe is not None:
-        summary["val_accuracy"] = evaluate_accuracy(deploy, val_pipe)
+    summary.update(_validation_metrics(deploy, task, val_pipe, info.num_classes))
     if chief:
-        deploy.save(os.path.join(config.model_dir, "model.keras"))
+        deploy.save(cb.join(config.model_dir, "model.keras"))
         summary["curve"] = cb.plot_history(cb.load_history(history_path),
-                                           os.path.join(config.model_dir, "training_curve.png"))
+                                           cb.join(config.model_dir, "training_curve.png"))
         if config.export_dir:
             summary.update(export_all(deploy, config.export_dir, config.export_tflite, val_pipe))
-        write_json(os.path.join(config.model_dir, "summary.json"), summary)
+        write_json(cb.join(config.model_dir, "summary.json"), summary)
     return summary
+
+
+def _enable_op_determinism():
+    """Same flags and seed, same weights: TensorFlow picks deterministic kernels (and raises
+    for an op that has none) and runs tf.data deterministically (README: Determinism)."""
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()
+
+
+class WorkerLost(RuntimeError):
+    """A peer of a multi-worker cluster went away mid-training; every worker must restart."""
+
+
+def check_model_dir_writable(model_dir):
+    """A ValueError naming --model_dir unless a file can be created there (local, gs://,
+    ram://): a read-only, full or misplaced directory fails before any work."""
+    import tensorflow as tf
+
+    probe = cb.join(model_dir, f".write-probe-{os.getpid()}")
+    try:
+        tf.io.gfile.makedirs(model_dir)
+        with tf.io.gfile.GFile(probe, "w") as f:
+            f.write("probe")
+        tf.io.gfile.remove(probe)
+    except (OSError, tf.errors.OpError) as e:
+        message = getattr(e, "message", None) or str(e)
+        raise ValueError(f"--model_dir {model_dir!r} is not writable: {message}") from e
+
+
+def _load_pipelines(config, task, img_size, cfg):
+    """The task's (train, validation or None, info, settings); a ValueError naming --dataset
+    when the data cannot be found or read. One training example is read now, so that a wrong
+    record schema or an undecodable file fails here rather than at the first step."""
+    import tensorflow as tf
+
+    from keras_vit.segmentation import training as segmentation
+
+    make = (segmentation.segmentation_pipelines if task == "segmentation"
+            else _classification_pipelines)
+    try:
+        train_pipe, val_pipe, info, pipe = make(config, img_size, cfg)
+        next(iter(train_pipe.take(1)))
+    except StopIteration as e:
+        raise ValueError(f"--dataset {config.dataset!r}: no training examples") from e
+    except (ValueError, OSError, tf.errors.OpError) as e:
+        message = getattr(e, "message", None) or str(e)
+        if message.startswith("--"):
+            raise
+        raise ValueError(f"--dataset {config.dataset!r}: {message.strip()}") from e
+    return train_pipe, val_pipe, info, pipe
+
+
+def _soft_labels(config):
+    return bool(config.mixup or config.cutmix or config.label_smoothing)
+
+
+def _compiled_model(config, task, info, img_size, steps_per_epoch, total_steps, jit_compile):
+    """(student, the model fit trains, its optimizer), compiled and built; call in scope."""
+    from keras_vit.segmentation import training as segmentation
+
+    try:
+        student = _build_student(config, info.num_classes, img_size)
+    except TypeError as e:  # a builder keyword it does not take
+        raise ValueError(f"--model_args {json.dumps(config.model_args)}: {config.model} "
+                         f"does not take it ({e})") from e
+    except ValueError as e:
+        raise ValueError(f"--model {config.model} with --model_args "
+                         f"{json.dumps(config.model_args)} at --img_size {img_size}: {e}") from e
+    schedule = WarmupSchedule(config.learning_rate, total_steps,
+                              int(config.warmup_epochs * steps_per_epoch),
+                              config.schedule or ("poly" if task == "segmentation"
+                                                  else "cosine"))
+    if config.optimizer == "adamw":
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+    else:
+        optimizer = keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True,
+                                         weight_decay=config.weight_decay or None)
+    if config.teacher:
+        teacher = _load_teacher(config.teacher, info.num_classes, img_size)
+        model = DistillationModel(student, teacher, config.distillation,
+                                  label_smoothing=config.label_smoothing)
+        model.compile(optimizer=optimizer, jit_compile=jit_compile)
+    elif task == "segmentation":
+        model = student
+        loss, loss_weights, metrics = segmentation.segmentation_loss_and_metrics(
+            student, info.num_classes)
+        model.compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights,
+                      metrics=metrics, jit_compile=jit_compile)
+    else:
+        model = student
+        soft = _soft_labels(config)
+        loss = (keras.losses.CategoricalCrossentropy(from_logits=True) if soft
+                else keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        metrics = [keras.metrics.CategoricalAccuracy(name="accuracy") if soft
+                   else keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+        model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile)
+    optimizer.build(model.trainable_variables)
+    return student, model, optimizer
+
+
+def _restore(model, model_dir, ckpt_dir, chief, strategy):
+    """The step restored from the newest usable checkpoint (0: none). A non-chief worker
+    without its own checkpoints reads the chief's; every worker must restore the same step."""
+    if not chief:
+        cb.remove_partial_checkpoints(ckpt_dir)
+        if not cb.list_checkpoints(ckpt_dir):
+            ckpt_dir = cb.checkpoint_dir(model_dir)
+    else:
+        cb.remove_partial_checkpoints(ckpt_dir)
+    step = cb.restore(model, ckpt_dir)
+    if not same_on_every_worker(strategy, step):
+        raise ValueError(f"--model_dir: the workers restored different steps (this one {step} "
+                         f"from {ckpt_dir}); give every worker the same --model_dir")
+    return step
+
+
+def _fit(model, strategy, train_pipe, val_pipe, step, steps_per_epoch, epochs, callbacks,
+         verbose):
+    """Fits from ``step`` to the end: the rest of a partly done epoch, then whole epochs."""
+    _build_before_multi_worker_fit(model, strategy, train_pipe)
+    epoch, offset = divmod(step, steps_per_epoch)
+    data = train_pipe.skip(step)  # the pipeline is seeded: skipping replays the same order
+    try:
+        if step < steps_per_epoch * epochs and offset:
+            model.fit(data, initial_epoch=epoch, epochs=epoch + 1,
+                      steps_per_epoch=steps_per_epoch - offset, validation_data=val_pipe,
+                      callbacks=callbacks, verbose=verbose, shuffle=False)  # tf.data shuffles
+            data = train_pipe.skip((epoch + 1) * steps_per_epoch)
+            epoch += 1
+        if epoch < epochs:
+            model.fit(data, initial_epoch=epoch, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                      validation_data=val_pipe, callbacks=callbacks, verbose=verbose,
+                      shuffle=False)
+    except Exception as e:
+        _raise_if_worker_lost(e, strategy, callbacks[0])
+        raise
+
+
+def _raise_if_worker_lost(error, strategy, checkpoints):
+    """A collective that fails because a peer died (UnavailableError, "Socket closed", ...)
+    ends this worker too: TF cannot rejoin a restarted worker into a running collective."""
+    import tensorflow as tf
+
+    if not (is_multi_worker(strategy) and isinstance(
+            error, (tf.errors.UnavailableError, tf.errors.AbortedError,
+                    tf.errors.CancelledError, tf.errors.DeadlineExceededError,
+                    tf.errors.InternalError))):
+        return
+    first = (getattr(error, "message", None) or str(error)).strip().splitlines()[0]
+    raise WorkerLost(
+        f"a worker of the cluster was lost ({type(error).__name__}: {first}); this worker "
+        f"stops too. TensorFlow cannot rejoin a restarted worker into a running job: start "
+        f"every worker again with the same command, and training resumes from the last "
+        f"checkpoint (step {cb.latest_step(checkpoints.ckpt_dir)} in {checkpoints.ckpt_dir})"
+    ) from error
+
+
+def _validation_metrics(deploy, task, val_pipe, num_classes):
+    from keras_vit.segmentation import training as segmentation
+
+    if val_pipe is None:
+        return {}
+    if task == "segmentation":
+        metrics = segmentation.evaluate_segmentation(deploy, val_pipe, num_classes)
+        return dict(val_miou=metrics["mIoU"], val_pixel_accuracy=metrics["pixel_accuracy"],
+                    val_per_class_iou=metrics["per_class_iou"])
+    return {"val_accuracy": evaluate_accuracy(deploy, val_pipe)}
 
 
 def _build_before_multi_worker_fit(model, strategy, pipe):
@@ -359,37 +504,38 @@ class _DistilledValidation(keras.callbacks.Callback):
 
 
 def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
+    cb.write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 def read_json(path):
-    with open(path) as f:
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(path) as f:
         return json.load(f)
 
 
 def load_trained_model(path):
     """A trained model from a .keras file, or from a model_dir: its model.keras, else the
     model rebuilt from config.json with the last checkpoint's weights."""
-    if os.path.isfile(path):
+    import tensorflow as tf
+
+    if tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path):
         return keras.saving.load_model(path)
-    if not os.path.isdir(path):
+    if not tf.io.gfile.isdir(path):
         raise ValueError(f"{path!r} is neither a .keras file nor a model_dir")
-    if os.path.exists(os.path.join(path, "model.keras")):
-        return keras.saving.load_model(os.path.join(path, "model.keras"))
-    config_path = os.path.join(path, "config.json")
+    if tf.io.gfile.exists(cb.join(path, "model.keras")):
+        return keras.saving.load_model(cb.join(path, "model.keras"))
+    config_path = cb.join(path, "config.json")
     ckpt_dir = cb.checkpoint_dir(path)
-    if not (os.path.exists(config_path) and cb.latest_step(ckpt_dir)):
+    if not (tf.io.gfile.exists(config_path) and cb.latest_step(ckpt_dir)):
         raise ValueError(f"{path!r} has no model.keras and no checkpoint with config.json")
     config = TrainConfig(**read_json(config_path))
-    prep = read_json(os.path.join(path, "preprocessing.json"))
+    prep = read_json(cb.join(path, "preprocessing.json"))
     config.teacher = None  # the checkpoint holds the student alone when rebuilt for export
     model = _build_student(config, prep["num_classes"], prep["img_size"])
     model.compile(optimizer=keras.optimizers.AdamW(1e-3))
     model.optimizer.build(model.trainable_variables)
-    model.load_weights(os.path.join(ckpt_dir, cb.CHECKPOINT_NAME))
+    cb.restore(model, ckpt_dir)
     return inference_model(model)
 
 
@@ -417,7 +563,36 @@ def representative_images(pipe, count=256):
 
 
 def export_all(model, export_dir, tflite_mode, val_pipe):
-    """SavedModel + (optionally) a verified TFLite file; returns paths and the report."""
+    """SavedModel + (optionally) a verified TFLite file; returns paths and the report. An
+    export_dir that is a URL (gs://...) is written locally first, then copied there."""
+    import shutil
+    import tempfile
+
+    if "://" not in export_dir:
+        return _export_local(model, export_dir, tflite_mode, val_pipe)
+    local = tempfile.mkdtemp(prefix="keras_vit_export-")
+    try:
+        out = _export_local(model, local, tflite_mode, val_pipe)
+        _copy_tree(local, export_dir)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    out["saved_model"] = cb.join(export_dir, "saved_model")
+    if "tflite" in out:
+        out["tflite"]["path"] = cb.join(export_dir, os.path.basename(out["tflite"]["path"]))
+    return out
+
+
+def _copy_tree(src, dst):
+    import tensorflow as tf
+
+    for root, _, files in os.walk(src):
+        target = cb.join(dst, os.path.relpath(root, src)) if root != src else dst
+        tf.io.gfile.makedirs(target)
+        for name in files:
+            tf.io.gfile.copy(os.path.join(root, name), cb.join(target, name), overwrite=True)
+
+
+def _export_local(model, export_dir, tflite_mode, val_pipe):
     from keras_vit.export import export_saved_model, export_tflite
 
     os.makedirs(export_dir, exist_ok=True)
