@@ -60,6 +60,10 @@ SMALLEST = {
                                              (("bottle",), 64, 2, 0.25),
                                              (("bottle", "self_attn"), 96, 2, 0.25),
                                              (("self_attn", "self_attn"), 128, 2, 0.25)))),
+    # Swin-UNet: four stages (the official decoder indexes four skips), a shifted stage at 32 px.
+    "swin_unet": ("swin_unet_tiny_224", dict(img_size=32, embed_dim=8, depths=(2, 2, 2, 2),
+                                             num_heads=(1, 2, 2, 4), window_size=4,
+                                             num_classes=5)),
 }
 
 

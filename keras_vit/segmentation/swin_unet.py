@@ -112,8 +112,8 @@ def swin_unet(*, img_size=224, patch_size=4, in_chans=3, num_classes=9, embed_di
     if len(num_heads) != num_stages:
         raise ValueError(f"num_heads {num_heads} needs one entry per stage of depths {depths}")
     divisor = patch_size * 2 ** (num_stages - 1)
-    h, w = check_img_size(img_size, divisor,
-                          what=f"Swin-UNet's size divisor (patch {patch_size} x 2^{num_stages - 1})")
+    what = f"Swin-UNet's size divisor (patch {patch_size} x 2^{num_stages - 1})"
+    h, w = check_img_size(img_size, divisor, what=what)
     check_in_chans(in_chans)
     window_size = int(window_size)
     dims = [int(embed_dim * 2 ** i) for i in range(num_stages)]
