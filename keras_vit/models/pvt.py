@@ -208,6 +208,15 @@ def embed_stage(x, k, patch_size, dim, name):
     return PatchEmbed(patch_size if k == 0 else 2, dim, norm=True, norm_eps=1e-5, name=name)(x)
 
 
+def overlap_embed_stage(x, k, dim, name):
+    """PVT v2's (and SegFormer's MiT) overlapping patch embedding of stage k (timm's
+    ``OverlapPatchEmbed``): 7x7 stride 4, then 3x3 stride 2, padding = kernel // 2, then a
+    LayerNorm with torch's eps 1e-5."""
+    embed = dict(patch_size=7, stride=4, padding=3) if k == 0 else \
+        dict(patch_size=3, stride=2, padding=1)
+    return PatchEmbed(embed_dim=dim, norm=True, norm_eps=1e-5, name=name, **embed)(x)
+
+
 def stage_map(x, k, grids, indices, features, name):
     """Stage k's tokens as the (B, h, w, C) map the next stage embeds, kept in ``features``
     when k is one of the ``indices``; a classifier's last stage stays tokens."""
@@ -308,11 +317,8 @@ def pyramid_vision_transformer_v2(*, img_size=224, in_chans=3, num_classes=1000,
                                                   features_only, out_indices)
     x, features = inputs, []
     for k in stages:
-        # timm's OverlapPatchEmbed: padding = kernel // 2, LayerNorm with torch's eps 1e-5.
-        embed = dict(patch_size=7, stride=4, padding=3) if k == 0 else \
-            dict(patch_size=3, stride=2, padding=1)
-        x = PatchEmbed(embed_dim=embed_dims[k], norm=True, norm_eps=1e-5,
-                       name="patch_embed" if k == 0 else f"stages.{k}.downsample", **embed)(x)
+        x = overlap_embed_stage(x, k, embed_dims[k],
+                                name="patch_embed" if k == 0 else f"stages.{k}.downsample")
         for i in range(depths[k]):
             x = PvtBlock(embed_dims[k], num_heads[k], grids[k], mlp_ratio=mlp_ratios[k],
                          sr_ratio=sr_ratios[k], linear=linear, dwconv=True, qkv_bias=qkv_bias,
