@@ -5,6 +5,11 @@
 --model_path is a .keras file, a training model_dir (its preprocessing.json gives the
 image size, mean/std and class names) or a registered name; without a preprocessing.json,
 give --img_size and the defaults of --config_from apply.
+
+A training run's model is evaluated by default on the run's own validation data: --dataset,
+--val_samples, --seed and --img_size default to the run's (its flags.txt), so the top-1
+printed here is the validation accuracy the training summary reported. A flag given on the
+command line wins.
 """
 
 import json
@@ -13,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (fail, load_model, model_dir_of, prepare_environment,  # noqa: E402
-                    read_preprocessing)
+                    read_preprocessing, run_data_settings)
 
 prepare_environment()
 
@@ -22,16 +27,20 @@ from absl import app, flags  # noqa: E402
 F = flags.FLAGS
 flags.DEFINE_string("model_path", None, "A .keras file, a training model_dir or a registered "
                     "name.", required=True)
-flags.DEFINE_string("dataset", "shapes", "shapes | folder:PATH | tfrecord:GLOB | tfds:NAME.")
+flags.DEFINE_string("dataset", None, "shapes | folder:PATH | tfrecord:GLOB | tfds:NAME "
+                    "(default: the training run's, else shapes).")
 flags.DEFINE_string("split", "validation", "Split to evaluate.")
-flags.DEFINE_integer("val_samples", None, "shapes: number of images.")
+flags.DEFINE_integer("val_samples", None, "Number of images (default: the training run's "
+                     "--val_samples; all of the split for folders and TFRecords).")
 flags.DEFINE_integer("batch_size", 64, "Batch size.")
-flags.DEFINE_integer("img_size", None, "Input size (default: from preprocessing.json / the model).")
+flags.DEFINE_integer("img_size", None, "Input size (default: the run's, from "
+                     "preprocessing.json / the model).")
 flags.DEFINE_string("config_from", None, "Registered model whose mean/std/crop to use when the "
                     "model_dir has no preprocessing.json.")
 flags.DEFINE_string("output_dir", None, "Where metrics.json and confusion_matrix.png go "
                     "(default: the model_dir, or next to the .keras file).")
-flags.DEFINE_integer("seed", 0, "Seed of the shapes data (the training run's seed).")
+flags.DEFINE_integer("seed", None, "Seed of the shapes data (default: the training run's "
+                     "--seed, else 0).")
 flags.DEFINE_enum("task", None, ["classification", "segmentation"],
                   "Task (default: the run's preprocessing.json, else the model's).")
 flags.DEFINE_bool("reduce_zero_label", None, "Segmentation folders: ADE20K's 0 = 'other' "
@@ -48,6 +57,21 @@ def preprocessing(model_path, model):
     return dict(img_size=F.img_size or model.input_shape[1], mean=cfg.get("mean", (0.485, 0.456, 0.406)),
                 std=cfg.get("std", (0.229, 0.224, 0.225)), crop_pct=cfg.get("crop_pct", 0.875),
                 interpolation=cfg.get("interpolation", "bicubic"), class_names=None)
+
+
+def data_settings(model_path, prep):
+    """dataset, val_samples, seed, img_size: each flag given on the command line, else the
+    training run's (flags.txt), else the defaults (shapes, the split's default size, 0, the
+    model's input size); ``source`` says where they came from."""
+    run = run_data_settings(model_path)
+    given = {name: getattr(F, name) for name in ("dataset", "val_samples", "seed", "img_size")
+             if F[name].present}
+    defaults = dict(dataset="shapes", val_samples=None, seed=0, img_size=prep["img_size"])
+    settings = {name: given.get(name, run.get(name, defaults[name])) for name in defaults}
+    from_run = sorted(set(run) & set(defaults) - set(given))
+    settings["source"] = (f"the training run's flags.txt ({', '.join(from_run)})" if from_run
+                          else "the command line and defaults")
+    return settings
 
 
 def evaluate(model, pipe, num_classes):
@@ -97,7 +121,7 @@ def _registry_task(model):
     return get_model_config(model.name)["task"] if model.name in list_models() else None
 
 
-def evaluate_segmentation(model, prep, img_size):
+def evaluate_segmentation(model, prep, data):
     """mIoU, per-class IoU, pixel accuracy -> metrics.json; segmentation_samples.png."""
     from keras_vit.segmentation.training import evaluate_dataset
 
@@ -105,10 +129,10 @@ def evaluate_segmentation(model, prep, img_size):
                          else prep.get("reduce_zero_label", False))
     out = F.output_dir or model_dir_of(F.model_path)
     try:
-        metrics = evaluate_dataset(model, F.dataset, F.split, img_size=img_size,
+        metrics = evaluate_dataset(model, data["dataset"], F.split, img_size=data["img_size"],
                                    mean=prep["mean"], std=prep["std"],
                                    class_names=prep.get("class_names"), batch_size=F.batch_size,
-                                   num_samples=F.val_samples, seed=F.seed,
+                                   num_samples=data["val_samples"], seed=data["seed"],
                                    reduce_zero_label=reduce_zero_label, output_dir=out)
     except ValueError as e:
         fail(str(e))
@@ -125,14 +149,17 @@ def main(argv):
 
     model = load_model(F.model_path)
     prep = preprocessing(F.model_path, model)
-    img_size = F.img_size or prep["img_size"]
+    data = data_settings(F.model_path, prep)
+    img_size = data["img_size"]
+    print(f"evaluating on {data['dataset']} ({F.split}, seed {data['seed']}, {img_size} px; "
+          f"settings from {data['source']})")
     if (F.task or prep.get("task") or _registry_task(model)) == "segmentation":
-        return evaluate_segmentation(model, prep, img_size)
+        return evaluate_segmentation(model, prep, data)
     try:
-        ds, info = load_dataset(F.dataset, F.split, img_size=img_size, seed=F.seed,
-                                num_samples=F.val_samples)
+        ds, info = load_dataset(data["dataset"], F.split, img_size=img_size, seed=data["seed"],
+                                num_samples=data["val_samples"])
     except ValueError as e:
-        fail(str(e))
+        fail(f"--dataset {data['dataset']!r}: {e}")
     names = prep.get("class_names") or info.class_names
     pipe = make_pipeline(ds, training=False, img_size=img_size, batch_size=F.batch_size,
                          num_classes=info.num_classes, mean=prep["mean"], std=prep["std"],

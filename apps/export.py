@@ -4,8 +4,12 @@
         --modes=fp32,fp16,dynamic,int8 --dataset=shapes
 
 --model_path is a .keras file, a training model_dir (its model.keras, else its last
-checkpoint) or a registered name. int8 is calibrated on --calibration_batches batches of
---dataset.
+checkpoint) or a registered name. int8 is calibrated on the first
+--calibration_batches x --batch_size images (256 by default) of the validation split of
+--dataset: for a training run's model, by default the run's own validation data (dataset,
+--val_samples, --seed, image size from its flags.txt), i.e. the same images, in the same
+order, that the training app calibrated its int8 export on, so the two files and their
+top-1 agreement are identical.
 Each TFLite file is verified against Keras before it replaces an existing file.
 """
 
@@ -14,7 +18,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import fail, load_model, prepare_environment, read_preprocessing  # noqa: E402
+from common import (fail, load_model, prepare_environment, read_preprocessing,  # noqa: E402
+                    run_data_settings)
 
 prepare_environment()
 
@@ -27,11 +32,15 @@ flags.DEFINE_string("model_path", None, "A .keras file, a training model_dir or 
 flags.DEFINE_string("export_dir", "saved_models/export", "Output directory.")
 flags.DEFINE_list("modes", ["fp32", "fp16", "dynamic", "int8"], "TFLite modes: fp32,fp16,dynamic,int8.")
 flags.DEFINE_bool("saved_model", True, "Also write a SavedModel.")
-flags.DEFINE_string("dataset", None, "Calibration/verification data (needed for int8).")
+flags.DEFINE_string("dataset", None, "Calibration/verification data (needed for int8; "
+                    "default: the training run's).")
+flags.DEFINE_integer("val_samples", None, "Size of the shapes validation split the "
+                     "calibration images are the first of (default: the training run's).")
 flags.DEFINE_integer("calibration_batches", 8, "Batches of --dataset for int8 calibration.")
 flags.DEFINE_integer("batch_size", 32, "Batch size of the calibration data.")
 flags.DEFINE_integer("tflite_batch_size", 1, "Fixed batch size inside the TFLite files.")
-flags.DEFINE_integer("seed", 0, "Seed of the shapes data.")
+flags.DEFINE_integer("seed", None, "Seed of the shapes data (default: the training run's, "
+                     "else 0).")
 
 
 def main(argv):
@@ -39,7 +48,9 @@ def main(argv):
     bad = [m for m in F.modes if m not in MODES]
     if bad:
         fail(f"--modes: unknown {bad}; choose from {list(MODES)}")
-    if "int8" in F.modes and not F.dataset:
+    run = run_data_settings(F.model_path)
+    dataset = F.dataset or run.get("dataset")
+    if "int8" in F.modes and not dataset:
         fail("an int8 export needs calibration data: pass --dataset (e.g. --dataset=shapes)")
     import numpy as np
 
@@ -49,18 +60,24 @@ def main(argv):
     model = load_model(F.model_path)
     img_size = model.input_shape[1]
     data = None
-    if F.dataset:
+    if dataset:
         prep = read_preprocessing(F.model_path)
+        seed = F.seed if F.seed is not None else run.get("seed", 0)
+        # the run's validation split, as it validated on it: its first images calibrate
+        val_samples = F.val_samples or (run.get("val_samples") if dataset == run.get("dataset")
+                                        else F.calibration_batches * F.batch_size)
         try:
-            ds, info = load_dataset(F.dataset, "validation", img_size=img_size, seed=F.seed,
-                                    num_samples=F.calibration_batches * F.batch_size)
+            ds, info = load_dataset(dataset, "validation", img_size=img_size, seed=seed,
+                                    num_samples=val_samples)
         except ValueError as e:
-            fail(str(e))
+            fail(f"--dataset {dataset!r}: {e}")
         pipe = make_pipeline(ds, training=False, img_size=img_size, batch_size=F.batch_size,
                              num_classes=info.num_classes,
                              **{k: prep[k] for k in ("mean", "std", "crop_pct", "interpolation")
                                 if k in prep})
         data = np.concatenate([np.asarray(x) for x, _ in pipe.take(F.calibration_batches)])
+        print(f"calibration and verification: the first {len(data)} images of {dataset} "
+              f"(validation, seed {seed}, {info.num_examples} images)")
     os.makedirs(F.export_dir, exist_ok=True)
     if F.saved_model:
         print(f"SavedModel: {export_saved_model(model, os.path.join(F.export_dir, 'saved_model'))}")

@@ -1,5 +1,6 @@
 """TFLite export with builtin ops only (fp32, fp16, dynamic range, full int8), verified with LiteRT."""
 
+import contextlib
 import os
 import re
 
@@ -92,13 +93,52 @@ def convert(model, quantization="none", representative_data=None, batch_size=1, 
         if int8_io:
             converter.inference_input_type = tf.int8
             converter.inference_output_type = tf.int8
-    try:
-        return converter.convert()
-    except Exception as e:  # the converter raises ConverterError with the op list in its text
-        ops = _flex_ops(str(e))
-        what = f"needs non-builtin ops {', '.join(ops)}" if ops else "failed"
-        raise TFLiteExportError(f"TFLite conversion of {model.name!r} ({quantization}) {what}:\n"
-                                f"{str(e)[-2000:]}") from e
+    with _captured_native_output() as captured:
+        try:
+            return converter.convert()
+        except Exception as e:  # ConverterError carries the op list in its text
+            ops = _flex_ops(str(e))
+            what = f"needs non-builtin ops {', '.join(ops)}" if ops else "failed"
+            log = captured()
+            raise TFLiteExportError(
+                f"TFLite conversion of {model.name!r} ({quantization}) {what}:\n"
+                f"{str(e)[-2000:]}" + (f"\nconverter output:\n{log[-2000:]}" if log else "")
+            ) from e
+
+
+@contextlib.contextmanager
+def _captured_native_output():
+    """Captures what the converter's C++ code prints on stdout/stderr (the calibrator's raw
+    "fully_quantize: 0, inference_type: 6, ..." line, MLIR pass notes) while it runs; the
+    text is kept for the error of a failed conversion and logged at absl verbosity 1.
+    Yields a function that returns the text captured so far."""
+    import sys
+    import tempfile
+
+    from absl import logging
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        for fd in saved:
+            os.dup2(sink.fileno(), fd)
+
+        def captured():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            sink.seek(0)
+            return sink.read().decode(errors="replace")
+
+        try:
+            yield captured
+        finally:
+            text = captured()
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            if text.strip():
+                logging.vlog(1, "TFLite converter output:\n%s", text)
 
 
 class LiteRTRunner:
@@ -112,8 +152,9 @@ class LiteRTRunner:
     def __init__(self, path, num_threads=None):
         from ai_edge_litert.interpreter import Interpreter
 
-        self.interpreter = Interpreter(model_path=os.fspath(path), num_threads=num_threads)
-        self.interpreter.allocate_tensors()
+        with _captured_native_output():  # LiteRT's "Created ... XNNPACK delegate" line
+            self.interpreter = Interpreter(model_path=os.fspath(path), num_threads=num_threads)
+            self.interpreter.allocate_tensors()
         if self.interpreter.get_signature_list():
             # The signature maps names to tensors; the tensors themselves are set and read
             # directly (the signature runner re-allocates on every call: slow for benchmarks).
