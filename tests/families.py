@@ -60,6 +60,12 @@ SMALLEST = {
                                              (("bottle",), 64, 2, 0.25),
                                              (("bottle", "self_attn"), 96, 2, 0.25),
                                              (("self_attn", "self_attn"), 128, 2, 0.25)))),
+    # SegFormer: MiT stages (64 px: every reduced key/value map 2x2) and the all-MLP decoder;
+    # without B0's drop path and head dropout (0.1), whose noise can outweigh one step's gain.
+    "segformer": ("segformer_b0", dict(img_size=64, embed_dims=(8, 16, 24, 32),
+                                       num_heads=(1, 2, 2, 4), mlp_ratios=(2, 2, 2, 2),
+                                       depths=(1, 1, 1, 1), decoder_dim=16, num_classes=5,
+                                       drop_path_rate=0.0, decoder_dropout=0.0)),
     # Swin-UNet: four stages (the official decoder indexes four skips), a shifted stage at 32 px.
     "swin_unet": ("swin_unet_tiny_224", dict(img_size=32, embed_dim=8, depths=(2, 2, 2, 2),
                                              num_heads=(1, 2, 2, 4), window_size=4,
