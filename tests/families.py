@@ -67,6 +67,10 @@ SMALLEST = {
                                        depths=(1, 1, 1, 1), decoder_dim=16, num_classes=5,
                                        drop_path_rate=0.0, decoder_dropout=0.0)),
     # Swin-UNet: four stages (the official decoder indexes four skips), a shifted stage at 32 px.
+    # SETR-MLA: the MLA neck over four blocks, the align-corners 4x upsampling, logits at 32 px.
+    "setr": ("setr_mla_vit_large", dict(img_size=32, patch_size=8, embed_dim=16, depth=4,
+                                        num_heads=2, mla_indices=(0, 1, 2, 3), mla_channels=8,
+                                        mlahead_channels=8, num_classes=5)),
     "swin_unet": ("swin_unet_tiny_224", dict(img_size=32, embed_dim=8, depths=(2, 2, 2, 2),
                                              num_heads=(1, 2, 2, 4), window_size=4,
                                              num_classes=5)),
