@@ -3,7 +3,8 @@ Perspective with Transformers"): a ViT encoder and three decoders, as the offici
 (fudan-zvg/SETR, an mmsegmentation fork) builds them.
 
 - ``naive`` (``VisionTransformerUpHead``, num_conv=2, conv3x3_conv1x1=False): the last
-  block's patch tokens, LayerNorm, 1x1 conv -> BatchNorm -> ReLU -> 1x1 conv to the
+  block's patch tokens ([CLS] dropped: the official ``N % 48`` test is true on every square
+  grid), LayerNorm, 1x1 conv -> BatchNorm -> ReLU -> 1x1 conv to the
   classes, bilinear upsampling to the input size.
 - ``pup`` (progressive upsampling, num_conv=4, num_upsampe_layer=4): four 3x3 conv ->
   BatchNorm -> ReLU stages, each followed by a 2x bilinear upsampling, the last after a 1x1
@@ -15,6 +16,11 @@ Perspective with Transformers"): a ViT encoder and three decoders, as the offici
   The official VIT_MLA drops the [CLS] token right after adding the position embedding,
   so its blocks see the patch tokens only (its cls_token and the first position
   embedding row are parameters without effect; kept here so checkpoints load as they are).
+
+The encoder is keras_vit's ViT (PatchEmbed, [CLS], position embedding, TransformerBlocks
+through models.common.transformer_blocks): the official VisionTransformer backbone is timm's
+ViT without its final norm and head (the same module names and shapes; its block outputs
+equal timm 1.0.31's forward_intermediates(norm=False) within 7e-7).
 
 Every bilinear resize is F.interpolate's: align_corners=False (half-pixel centres) except
 the MLA head's 4x. The official heads assume square inputs (``h = w = sqrt(N)``, sizes from
