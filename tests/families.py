@@ -74,6 +74,10 @@ SMALLEST = {
     "swin_unet": ("swin_unet_tiny_224", dict(img_size=32, embed_dim=8, depths=(2, 2, 2, 2),
                                              num_heads=(1, 2, 2, 4), window_size=4,
                                              num_classes=5)),
+    # MedT family: the gated axial U-Net (gated axial attention, all four stages, the stride-2
+    # decoder1); MedT's patch graph is exported in tests/test_medt.py.
+    "medt": ("gated_axial_unet", dict(img_size=32, width_scale=0.03125, groups=2,
+                                      depths=(1, 1, 1, 1), num_classes=5)),
 }
 
 
