@@ -128,9 +128,14 @@ def make_pipeline(ds, *, training, img_size, batch_size, num_classes, mean=(0.48
     soft = training and bool(mixup or cutmix or label_smoothing)
 
     if training:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        if repeat:
-            ds = ds.repeat()
+        if repeat:  # a fresh shuffle state for each iterator: the order of pass k depends on
+            # (seed, k) alone, not on what other iterators (a probe, Keras' first-batch peek,
+            # their read-ahead) drew before, so skip(n) replays it in a resumed process
+            data = ds
+            ds = tf.data.Dataset.range(1).flat_map(lambda _: data.shuffle(
+                shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat())
+        else:
+            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
         ds = ds.enumerate()
         rand_aug = keras.layers.RandAugment(value_range=(0, 255), seed=seed) if randaugment else None
 
