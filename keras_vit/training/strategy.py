@@ -91,19 +91,28 @@ def resolve_jit_compile(requested, strategy=None, what="the train and eval steps
 
     XLA has no CPU collectives ("Collectives are not yet implemented for CPU devices when
     compiling with XLA", then a crash): a step that all-reduces across replicas or workers
-    on CPUs runs as a plain tf.function graph instead; everything else compiles as asked.
-    Logs one line when it overrides the request."""
+    on CPUs runs as a plain tf.function graph instead. Keras does not XLA-compile under op
+    determinism either. Everything else compiles as asked. Logs one line when it overrides
+    the request."""
     if not requested:
         return False
     replicated = strategy is not None and (strategy.num_replicas_in_sync > 1
                                            or is_multi_worker(strategy))
     if replicated and _device_types(strategy) == {"CPU"}:
-        logging.warning("XLA off for %s: %s with %d replicas on CPU devices all-reduces inside "
-                        "the step, and XLA has no CPU collectives; running them as tf.function "
-                        "graphs (--jit_compile applies on GPUs and TPUs)", what,
-                        type(strategy).__name__, strategy.num_replicas_in_sync)
-        return False
-    return True
+        reason = (f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} replicas on "
+                  "CPU devices all-reduces inside the step, and XLA has no CPU collectives")
+    elif _op_determinism_enabled():
+        reason = "op determinism is on, and Keras does not XLA-compile deterministic steps"
+    else:
+        return True
+    logging.warning("XLA off for %s: %s; running them as tf.function graphs", what, reason)
+    return False
+
+
+def _op_determinism_enabled():
+    from tensorflow.python.framework.config import is_op_determinism_enabled  # what Keras reads
+
+    return is_op_determinism_enabled()
 
 
 def any_worker(strategy, flag):

@@ -177,10 +177,10 @@ def inference_model(model):
     """The deployable model: distilled students average their two heads; segmentation
     models trained with auxiliary heads keep the main one."""
     from keras_vit.models.vit import distilled_inference_model
-    from keras_vit.registry import get_model_config, list_models
+    from keras_vit.registry import model_task
     from keras_vit.segmentation.training import segmentation_inference_model
 
-    if model.name in list_models() and get_model_config(model.name)["task"] == "segmentation":
+    if model_task(model) == "segmentation":
         return segmentation_inference_model(model)
     return distilled_inference_model(model) if len(model.outputs) == 2 else model
 
@@ -306,8 +306,8 @@ def check_model_dir_writable(model_dir):
             f.write("probe")
         tf.io.gfile.remove(probe)
     except (OSError, tf.errors.OpError) as e:
-        message = getattr(e, "message", None) or str(e)
-        raise ValueError(f"--model_dir {model_dir!r} is not writable: {message}") from e
+        raise ValueError(f"--model_dir {model_dir!r} is not writable: {_op_error_text(e)}"
+                         ) from e
 
 
 def _load_pipelines(config, task, img_size, cfg):
@@ -326,11 +326,20 @@ def _load_pipelines(config, task, img_size, cfg):
     except StopIteration as e:
         raise ValueError(f"--dataset {config.dataset!r}: no training examples") from e
     except (ValueError, OSError, tf.errors.OpError) as e:
-        message = getattr(e, "message", None) or str(e)
+        message = _op_error_text(e)
         if message.startswith("--"):
             raise
-        raise ValueError(f"--dataset {config.dataset!r}: {message.strip()}") from e
+        raise ValueError(f"--dataset {config.dataset!r}: {message}") from e
     return train_pipe, val_pipe, info, pipe
+
+
+def _op_error_text(error):
+    """An error's message without TensorFlow's {{function_node ...}} and [Op:...] wrapping."""
+    import re
+
+    text = getattr(error, "message", None) or str(error)
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
+    return re.sub(r"\s*\[Op:\w+\]", "", text).strip()
 
 
 def _soft_labels(config):
@@ -429,7 +438,7 @@ def _raise_if_worker_lost(error, strategy, checkpoints):
                     tf.errors.CancelledError, tf.errors.DeadlineExceededError,
                     tf.errors.InternalError))):
         return
-    first = (getattr(error, "message", None) or str(error)).strip().splitlines()[0]
+    first = _op_error_text(error).splitlines()[0]
     raise WorkerLost(
         f"a worker of the cluster was lost ({type(error).__name__}: {first}); this worker "
         f"stops too. TensorFlow cannot rejoin a restarted worker into a running job: start "
