@@ -48,6 +48,7 @@ def main(argv):
     bad = [m for m in F.modes if m not in MODES]
     if bad:
         fail(f"--modes: unknown {bad}; choose from {list(MODES)}")
+    model = load_model(F.model_path)
     run = run_data_settings(F.model_path)
     dataset = F.dataset or run.get("dataset")
     if "int8" in F.modes and not dataset:
@@ -57,7 +58,6 @@ def main(argv):
     from keras_vit.data import load_dataset, make_pipeline
     from keras_vit.export import export_saved_model, export_tflite
 
-    model = load_model(F.model_path)
     img_size = model.input_shape[1]
     data = None
     if dataset:
