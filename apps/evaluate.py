@@ -116,9 +116,9 @@ def plot_confusion(confusion, names, path):
 
 
 def _registry_task(model):
-    from keras_vit.registry import get_model_config, list_models
+    from keras_vit.registry import model_task
 
-    return get_model_config(model.name)["task"] if model.name in list_models() else None
+    return model_task(model)
 
 
 def evaluate_segmentation(model, prep, data):

@@ -74,6 +74,18 @@ def get_model_config(name):
     return cfg
 
 
+def model_task(model):
+    """The task of a built model: its registered variant's, else "segmentation" when a layer
+    of a segmentation family is in it (a model built from a builder under its own name),
+    else "classification"."""
+    if model.name in _MODELS:
+        return _MODELS[model.name][1]["task"]
+    if any(type(layer).__module__.startswith("keras_vit.segmentation.")
+           for layer in model._flatten_layers()):
+        return "segmentation"
+    return "classification"
+
+
 def _check_name(name):
     if name not in _MODELS:
         close = difflib.get_close_matches(name, list(_MODELS), n=5, cutoff=0.5)

@@ -194,12 +194,16 @@ def weight_entries(model, options=None):
 
 def _looks_features_only(model):
     """Every output a 4-D map, and not a dense-prediction model (whose logits are maps)."""
-    if not all(len(t.shape) == 4 for t in model.outputs):
-        return False
-    from keras_vit.registry import _MODELS
+    from keras_vit.registry import model_task
 
-    entry = _MODELS.get(model.name)
-    return entry is None or entry[1].get("task", "classification") == "classification"
+    return all(len(t.shape) == 4 for t in model.outputs) and model_task(model) == "classification"
+
+
+def _is_classifier(key, var, segmentation_classes):
+    """A classifier weight: timm's heads by name; in a segmentation model, any weight whose
+    output axis is the class count (main and auxiliary classifiers of every family)."""
+    return key in CLASSIFIER_KEYS or (segmentation_classes is not None and len(var.shape) > 0
+                                      and var.shape[-1] == segmentation_classes)
 
 
 def to_numpy(value):
@@ -222,12 +226,13 @@ def load_timm_weights(model, state_dict, strict=True, interpolation="bicubic", a
     checkpoints use bilinear without, as timm's ``_load_weights``).
     strict=True: missing keys, unexpected keys and shape mismatches raise one
     ValueError that lists them all, before any weight is assigned.
-    new_classifier=True: a classifier (``CLASSIFIER_KEYS``) of another number of classes
+    new_classifier=True: a classifier (``CLASSIFIER_KEYS``; in segmentation models every
+    weight whose output axis is the class count) of another number of classes
     than the model's is left out and the model's keeps its initialisation (timm's head
     reset for fine-tuning); everything else loads as above. Returns (missing,
     unexpected) keys.
     features_only: whether the model is a features_only cut of the checkpoint's (None:
-    every output is a 4-D map and the model is not a registered segmentation model).
+    every output is a 4-D map and the model is not a segmentation model).
     A checkpoint in a naming a registered adapter recognises (``register_state_dict_adapter``)
     is renamed first.
     """
@@ -244,12 +249,16 @@ def load_timm_weights(model, state_dict, strict=True, interpolation="bicubic", a
     top_names = {layer.name for layer in model.layers}
     entries = weight_entries(model, dict(interpolation=interpolation, antialias=antialias))
     missing, mismatched, assignments, used = [], [], [], set()
+    from keras_vit.registry import model_task
+
+    segmentation_classes = (model.outputs[0].shape[-1] if model_task(model) == "segmentation"
+                            else None)
     for var, key, convert in entries:
         if key not in state_dict:
             missing.append(key)
             continue
         used.add(key)
-        if (new_classifier and key in CLASSIFIER_KEYS
+        if (new_classifier and _is_classifier(key, var, segmentation_classes)
                 and np.shape(state_dict[key])[0] != var.shape[-1]):
             continue
         try:

@@ -215,11 +215,10 @@ def _is_logits(array):
 
 
 def _segmentation_model(model):
-    """A registered segmentation model's (by its name): its 4-D outputs are per-pixel logits."""
-    from keras_vit.registry import _MODELS
+    """A segmentation model's 4-D outputs are per-pixel logits."""
+    from keras_vit.registry import model_task
 
-    entry = _MODELS.get(model.name)
-    return entry is not None and entry[1].get("task") == "segmentation"
+    return model_task(model) == "segmentation"
 
 
 def verify_tflite(path, model, inputs):

@@ -14,7 +14,11 @@ import keras
 from keras import ops
 
 from keras_vit.segmentation.losses import SegmentationCrossEntropy, resize_logits
-from keras_vit.segmentation.metrics import ConfusionMatrix, segmentation_metrics
+from keras_vit.segmentation.metrics import (
+    ConfusionMatrix,
+    SegmentationMeanIoU,
+    segmentation_metrics,
+)
 
 _SHARED = ("metrics", "losses", "data", "training", "plots")
 
@@ -34,5 +38,5 @@ def predict_masks(model, images, batch_size=None):
     return ops.cast(ops.argmax(resize_logits(logits, size), axis=-1), "int32")
 
 
-__all__ = ["ConfusionMatrix", "SegmentationCrossEntropy", "predict_masks", "resize_logits",
+__all__ = ["ConfusionMatrix", "SegmentationCrossEntropy", "SegmentationMeanIoU", "predict_masks", "resize_logits",
            "segmentation_metrics"]

@@ -5,9 +5,11 @@ neither in the labels nor in the predictions of the whole dataset has no IoU (Na
 left out of the mean.
 """
 
+import keras
 import numpy as np
+from keras import ops
 
-from keras_vit.segmentation.losses import IGNORE_INDEX
+from keras_vit.segmentation.losses import IGNORE_INDEX, resize_logits
 
 
 class ConfusionMatrix:
@@ -58,3 +60,23 @@ def segmentation_metrics(matrix):
             "pixel_accuracy": float(true_positive.sum() / total) if total else float("nan"),
             "mean_accuracy": mean(accuracy),
             "per_class_accuracy": [None if np.isnan(v) else float(v) for v in accuracy]}
+
+
+@keras.saving.register_keras_serializable(package="keras_vit")
+class SegmentationMeanIoU(keras.metrics.MeanIoU):
+    """Keras' MeanIoU on logits: resized to the labels' size, argmax, ignore index left out.
+    A running estimate for the progress lines; the reported mIoU is ``evaluate_segmentation``."""
+
+    def __init__(self, num_classes, name="mean_iou", ignore_class=IGNORE_INDEX, **kwargs):
+        super().__init__(num_classes=num_classes, name=name, ignore_class=ignore_class,
+                         sparse_y_true=True, sparse_y_pred=True, **kwargs)
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        y_pred = resize_logits(y_pred, tuple(y_true.shape[1:3]))
+        return super().update_state(y_true, ops.argmax(y_pred, axis=-1), sample_weight)
+
+    def get_config(self):
+        config = super().get_config()
+        for key in ("sparse_y_true", "sparse_y_pred", "axis", "target_class_ids"):
+            config.pop(key, None)
+        return config

@@ -6,7 +6,7 @@ import numpy as np
 from keras import ops
 
 from keras_vit.segmentation.losses import IGNORE_INDEX, SegmentationCrossEntropy, resize_logits
-from keras_vit.segmentation.metrics import ConfusionMatrix
+from keras_vit.segmentation.metrics import ConfusionMatrix, SegmentationMeanIoU
 
 # SETR's auxiliary heads weigh 0.4 of the main loss in the official configs.
 AUX_LOSS_WEIGHT = 0.4
@@ -38,26 +38,6 @@ def segmentation_pipelines(config, img_size, cfg):
     return train_pipe, val_pipe, info, dict(pipe, num_classes=info.num_classes,
                                             task="segmentation",
                                             reduce_zero_label=config.reduce_zero_label)
-
-
-@keras.saving.register_keras_serializable(package="keras_vit")
-class SegmentationMeanIoU(keras.metrics.MeanIoU):
-    """Keras' MeanIoU on logits: resized to the labels' size, argmax, ignore index left out.
-    A running estimate for the progress lines; the reported mIoU is ``evaluate_segmentation``."""
-
-    def __init__(self, num_classes, name="mean_iou", ignore_class=IGNORE_INDEX, **kwargs):
-        super().__init__(num_classes=num_classes, name=name, ignore_class=ignore_class,
-                         sparse_y_true=True, sparse_y_pred=True, **kwargs)
-
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        y_pred = resize_logits(y_pred, tuple(y_true.shape[1:3]))
-        return super().update_state(y_true, ops.argmax(y_pred, axis=-1), sample_weight)
-
-    def get_config(self):
-        config = super().get_config()
-        for key in ("sparse_y_true", "sparse_y_pred", "axis", "target_class_ids"):
-            config.pop(key, None)
-        return config
 
 
 def segmentation_loss_and_metrics(model, num_classes):

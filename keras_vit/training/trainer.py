@@ -391,18 +391,16 @@ def _compiled_model(config, task, info, img_size, steps_per_epoch, total_steps, 
 
 
 def _restore(model, model_dir, ckpt_dir, chief, strategy):
-    """The step restored from the newest usable checkpoint (0: none). A non-chief worker
-    without its own checkpoints reads the chief's; every worker must restore the same step."""
-    if not chief:
-        cb.remove_partial_checkpoints(ckpt_dir)
-        if not cb.list_checkpoints(ckpt_dir):
-            ckpt_dir = cb.checkpoint_dir(model_dir)
-    else:
-        cb.remove_partial_checkpoints(ckpt_dir)
-    step = cb.restore(model, ckpt_dir)
+    """The step restored from the newest usable checkpoint (0: none). Every worker reads the
+    chief's checkpoints (a worker killed mid-run may have saved fewer), its own scratch copy
+    only where it cannot see the chief's; all must restore the same step."""
+    cb.remove_partial_checkpoints(ckpt_dir)
+    chief_dir = cb.checkpoint_dir(model_dir)
+    source = chief_dir if chief or cb.list_checkpoints(chief_dir) else ckpt_dir
+    step = cb.restore(model, source)
     if not same_on_every_worker(strategy, step):
         raise ValueError(f"--model_dir: the workers restored different steps (this one {step} "
-                         f"from {ckpt_dir}); give every worker the same --model_dir")
+                         f"from {source}); give every worker the same --model_dir")
     return step
 
 
