@@ -99,6 +99,23 @@ def test_official_checkpoint_loads_through_create_model(tmp_path):
         load_timm_weights(build_from_fixture(FIXTURES[name]), state)
 
 
+def test_other_num_classes_keeps_the_pretrained_body(tmp_path):
+    """create_model(num_classes=K, pretrained=PATH) with another K than the checkpoint's: new
+    ``adjust`` / ``adjust_p`` classifiers, every other weight (the gates too) loaded."""
+    name = "medt_tiny_128"
+    kwargs = dict(FIXTURES[name]["kwargs"], num_classes=5)
+    path = fixture_path("medt", FIXTURES[name]["weights"])
+    model = keras_vit.create_model("medt", pretrained=path, **kwargs)
+    assert model.output_shape[-1] == 5
+    state = _state_dict(name)
+    np.testing.assert_array_equal(
+        np.asarray(model.get_layer("layer2.1.width_block").gates["f_sve"]),
+        state["layer2.1.width_block.f_sve"])
+    np.testing.assert_array_equal(np.asarray(model.get_layer("decoderf").kernel),
+                                  np.transpose(state["decoderf.weight"], (2, 3, 1, 0)))
+    assert np.asarray(model.get_layer("adjust_p").kernel).shape == (1, 1, 4, 5)
+
+
 def test_checkpoint_of_another_size_is_refused():
     """The relative tables are sized by the input, as the official code's (no resampling)."""
     model = gated_axial_unet(**dict(TINY, img_size=64))

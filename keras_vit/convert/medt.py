@@ -1,7 +1,8 @@
 """Medical Transformer (jeya-maria-jose/Medical-Transformer): the axial attention's tensors.
 
 Every other weight maps by name through ``core`` (Keras layer names are the official module
-paths). An ``AxialAttention`` layer holds the official ``qkv_transform`` (a 1x1 Conv1d,
+paths). ``UnusedConv`` (official 1x1 convs never called) holds its kernel in Keras'
+layout. An ``AxialAttention`` layer holds the official ``qkv_transform`` (a 1x1 Conv1d,
 (2 dim, in, 1)) as an (in, 2 dim) matrix, the relative table ``relative`` (2 group_dim,
 2 kernel_size - 1) in the official layout and the gates ``f_qr``, ``f_kr``, ``f_sve``,
 ``f_sv``; its BatchNorms are sublayers named as the official ones. The table is tied to
@@ -17,7 +18,7 @@ second.
 import numpy as np
 
 from keras_vit.convert.core import register_layer_converter, register_state_dict_adapter
-from keras_vit.segmentation.medt import AxialAttention
+from keras_vit.segmentation.medt import AxialAttention, UnusedConv
 
 
 @register_layer_converter(AxialAttention)
@@ -43,6 +44,13 @@ def _axial_attention(layer, path, options):
         entries.extend((var, f"{path}.{gate}", lambda a: a.reshape(()) if a.size == 1 else a)
                        for gate, var in layer.gates.items())
     return entries
+
+
+@register_layer_converter(UnusedConv)
+def _unused_conv(layer, path, options):
+    # torch's (out, in, 1, 1) -> Keras' (1, 1, in, out), as the built-in Conv2D's.
+    return [(layer.kernel, f"{path}.weight", lambda a: np.transpose(a, (2, 3, 1, 0))),
+            (layer.bias, f"{path}.bias", lambda a: a)]
 
 
 def _is_medt(model):

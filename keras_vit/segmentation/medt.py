@@ -33,7 +33,7 @@ Follows ``lib/models/axialnet.py`` of jeya-maria-jose/Medical-Transformer (``gat
 num_classes 2, the README's ``--imgsize 128``; images are ``ToTensor`` [0, 1] without
 normalisation). Layer names are its module paths, so its ``.pth`` state dicts load through
 ``keras_vit.load_timm_weights`` (``keras_vit.convert.medt``). Parameters it defines but
-never uses (``AxialBlock_wopos.conv1``, ``adjust_p``) are kept as ``UnusedParameters``
+never uses (``AxialBlock_wopos.conv1``, ``adjust_p``) are kept as ``UnusedConv``
 layers so that its checkpoints load strictly and its parameter count is matched.
 
 Where this generalises the official code, it agrees with it wherever the official code
@@ -78,18 +78,12 @@ def _bn(channels_axis=-1, name=None):
 
 
 def _conv(filters, kernel, strides=1, use_bias=True, name=None):
-    """torch Conv2d with padding kernel // 2 (explicitly padded where the stride is 2)."""
+    """torch Conv2d with padding kernel // 2; a stride-2 one is "valid" behind an explicit
+    ZeroPadding2D (Keras' "same" would pad only below and right)."""
     return keras.layers.Conv2D(filters, kernel, strides=strides, use_bias=use_bias,
                                padding="same" if strides == 1 else "valid",
                                kernel_initializer=CONV_INIT, bias_initializer=CONV_INIT,
                                name=name)
-
-
-def _strided_conv(x, filters, kernel, name, use_bias=True):
-    """A stride-2 torch Conv2d(padding=kernel // 2): symmetric zero padding, then valid
-    (Keras' "same" would pad only below and right)."""
-    x = keras.layers.ZeroPadding2D(kernel // 2, name=f"{name}.pad")(x)
-    return _conv(filters, kernel, strides=2, use_bias=use_bias, name=name)(x)
 
 
 def relative_index(length):
@@ -127,6 +121,10 @@ class AxialAttention(keras.layers.Layer):
         self.bn_output = _bn(name="bn_output")
 
     def build(self, input_shape):
+        length = input_shape[2] if self.width else input_shape[1]
+        if length is not None and length != self.kernel_size:
+            raise ValueError(f"{self.name}: the attended axis has {length} positions, the "
+                             f"relative table was made for kernel_size {self.kernel_size}")
         in_dim = input_shape[-1]
         # The official qkv_transform (a 1x1 Conv1d, no bias) as (in, 2 dim); its init.
         self.qkv = self.add_weight(
@@ -228,28 +226,25 @@ class AxialAttention(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
-class UnusedParameters(keras.layers.Layer):
-    """A module the official code defines but never calls (``AxialBlock_wopos.conv1``,
-    ``adjust_p``): its ``weight`` and ``bias`` in torch's layout, so that the official
-    checkpoints load strictly and the parameter count is the official one. Not trainable
-    (they get no gradient); passes its input through unchanged."""
+class UnusedConv(keras.layers.Layer):
+    """A 1x1 Conv2d (with bias) the official code defines but never calls
+    (``AxialBlock_wopos.conv1``, ``adjust_p``): its ``kernel`` (1, 1, in, out) and ``bias``
+    (out,) are kept so that the official checkpoints load strictly and the parameter count
+    is the official one. Not trainable (they get no gradient); passes its input through."""
 
-    def __init__(self, weight_shape, bias_shape=None, **kwargs):
+    def __init__(self, in_dim, out_dim, **kwargs):
         super().__init__(**kwargs)
-        self.weight_shape = tuple(int(d) for d in weight_shape)
-        self.bias_shape = None if bias_shape is None else tuple(int(d) for d in bias_shape)
-        self.weight = self.add_weight(name="weight", shape=self.weight_shape,
+        self.in_dim, self.out_dim = int(in_dim), int(out_dim)
+        self.kernel = self.add_weight(name="kernel", shape=(1, 1, self.in_dim, self.out_dim),
                                       initializer="zeros", trainable=False)
-        if self.bias_shape is not None:
-            self.bias = self.add_weight(name="bias", shape=self.bias_shape,
-                                        initializer="zeros", trainable=False)
+        self.bias = self.add_weight(name="bias", shape=(self.out_dim,), initializer="zeros",
+                                    trainable=False)
 
     def call(self, x):
         return x
 
     def get_config(self):
-        return {**super().get_config(), "weight_shape": self.weight_shape,
-                "bias_shape": self.bias_shape}
+        return {**super().get_config(), "in_dim": self.in_dim, "out_dim": self.out_dim}
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
@@ -261,6 +256,11 @@ class GridPatches(keras.layers.Layer):
     def __init__(self, grid=4, stacked=True, **kwargs):
         super().__init__(**kwargs)
         self.grid, self.stacked = int(grid), bool(stacked)
+
+    def build(self, input_shape):
+        if input_shape[1] % self.grid or input_shape[2] % self.grid:
+            raise ValueError(f"{self.name}: a {input_shape[1]} x {input_shape[2]} map does not "
+                             f"split into {self.grid} x {self.grid} patches")
 
     def call(self, x):
         _, h, w, _ = x.shape
@@ -317,8 +317,8 @@ class AxialBlock:
     def __init__(self, in_dim, planes, *, stride=1, kernel_sizes, groups, positional, name):
         out_dim = planes * EXPANSION
         # AxialBlock_wopos' conv1 = nn.Conv2d(width, width, 1) is defined, never called.
-        self.unused_conv1 = None if positional else UnusedParameters(
-            (planes, planes, 1, 1), (planes,), name=f"{name}.conv1")
+        self.unused_conv1 = None if positional else UnusedConv(planes, planes,
+                                                               name=f"{name}.conv1")
         self.conv_down = _conv(planes, 1, use_bias=False, name=f"{name}.conv_down")
         self.bn1 = batch_norm(f"{name}.bn1")
         self.hight_block = AxialAttention(planes, groups, kernel_sizes[0], positional=positional,
@@ -501,8 +501,7 @@ def medt(*, img_size=128, in_chans=3, num_classes=2, width_scale=0.125, groups=8
     x_local = TilePatches(4, stacked=not per_patch, name="local_tiles")(x_local)
     x = keras.layers.Add(name="global_local")([x, x_local])
     x = glob.relu(_conv(widths["decoder"][4], 3, name="decoderf")(x))
-    x = UnusedParameters((num_classes, widths["decoder"][4], 1, 1), (num_classes,),
-                         name="adjust_p")(x)
+    x = UnusedConv(widths["decoder"][4], num_classes, name="adjust_p")(x)
     x = _conv(num_classes, 1, name="adjust")(glob.relu(x))
     return keras.Model(inputs, x, name=name)
 
