@@ -249,3 +249,33 @@ def test_a_wrong_output_fails_verification(tmp_path, monkeypatch):
     report = verify_tflite(path, model, inputs)
     assert report["outputs"]["logits"]["relative_diff"] <= 1e-5
     assert 1e-3 < report["outputs"]["pred_boxes"]["relative_diff"] < 2e-2
+
+
+def test_converter_console_output_is_captured(small_vit, tmp_path, capfd):
+    """The converter's C++ calibrator prints "fully_quantize: 0, inference_type: 6, ..." and
+    LiteRT "Created TensorFlow Lite XNNPACK delegate" on the process's own stdout/stderr:
+    neither reaches the console, and an int8 export gives the same file every time for the
+    same calibration images."""
+    data = colour_task(32, seed=5)[0]
+    capfd.readouterr()
+    first = export_tflite(small_vit, os.path.join(tmp_path, "a.tflite"), quantization="int8",
+                          representative_data=data)
+    second = export_tflite(small_vit, os.path.join(tmp_path, "b.tflite"), quantization="int8",
+                           representative_data=data)
+    out, err = capfd.readouterr()
+    for noise in ("fully_quantize", "inference_type", "XNNPACK"):
+        assert noise not in out + err, (noise, out + err)
+    with open(first["path"], "rb") as a, open(second["path"], "rb") as b:
+        assert a.read() == b.read()
+    assert first["top1_agreement"] == second["top1_agreement"] >= 0.9
+
+
+def test_a_failed_conversion_reports_the_converters_output(tmp_path, monkeypatch):
+    def failing_convert(self):
+        os.write(1, b"native converter line\n")  # as the C++ code writes: to the fd
+        raise RuntimeError("converter failed")
+
+    model = vision_transformer(**dict(SMALL, depth=1))
+    monkeypatch.setattr(tf.lite.TFLiteConverter, "convert", failing_convert)
+    with pytest.raises(TFLiteExportError, match=r"(?s)converter failed.*native converter line"):
+        export_tflite(model, os.path.join(tmp_path, "x.tflite"))
