@@ -43,6 +43,31 @@ flags.DEFINE_integer("seed", None, "Seed of the shapes data (default: the traini
                      "else 0).")
 
 
+def validation_pipeline(model, dataset, img_size, seed, val_samples, prep):
+    """(batched validation images with their labels or masks, DatasetInfo) for the task."""
+    from keras_vit.registry import model_task
+
+    if model_task(model) == "segmentation":
+        from keras_vit.segmentation.data import (load_segmentation_dataset,
+                                                 make_segmentation_pipeline)
+
+        ds, info = load_segmentation_dataset(
+            dataset, "validation", img_size=img_size, seed=seed, num_samples=val_samples,
+            num_classes=model.output_shape[-1],
+            reduce_zero_label=prep.get("reduce_zero_label", False))
+        return make_segmentation_pipeline(
+            ds, training=False, img_size=img_size, batch_size=F.batch_size,
+            **{k: prep[k] for k in ("mean", "std") if k in prep}), info
+    from keras_vit.data import load_dataset, make_pipeline
+
+    ds, info = load_dataset(dataset, "validation", img_size=img_size, seed=seed,
+                            num_samples=val_samples)
+    return make_pipeline(ds, training=False, img_size=img_size, batch_size=F.batch_size,
+                         num_classes=info.num_classes,
+                         **{k: prep[k] for k in ("mean", "std", "crop_pct", "interpolation")
+                            if k in prep}), info
+
+
 def main(argv):
     del argv
     bad = [m for m in F.modes if m not in MODES]
@@ -55,7 +80,6 @@ def main(argv):
         fail("an int8 export needs calibration data: pass --dataset (e.g. --dataset=shapes)")
     import numpy as np
 
-    from keras_vit.data import load_dataset, make_pipeline
     from keras_vit.export import export_saved_model, export_tflite
 
     img_size = model.input_shape[1]
@@ -67,14 +91,9 @@ def main(argv):
         val_samples = F.val_samples or (run.get("val_samples") if dataset == run.get("dataset")
                                         else F.calibration_batches * F.batch_size)
         try:
-            ds, info = load_dataset(dataset, "validation", img_size=img_size, seed=seed,
-                                    num_samples=val_samples)
+            pipe, info = validation_pipeline(model, dataset, img_size, seed, val_samples, prep)
         except ValueError as e:
             fail(f"--dataset {dataset!r}: {e}")
-        pipe = make_pipeline(ds, training=False, img_size=img_size, batch_size=F.batch_size,
-                             num_classes=info.num_classes,
-                             **{k: prep[k] for k in ("mean", "std", "crop_pct", "interpolation")
-                                if k in prep})
         data = np.concatenate([np.asarray(x) for x, _ in pipe.take(F.calibration_batches)])
         print(f"calibration and verification: the first {len(data)} images of {dataset} "
               f"(validation, seed {seed}, {info.num_examples} images)")
@@ -87,10 +106,13 @@ def main(argv):
         r = export_tflite(model, path, quantization=MODES[mode], representative_data=data,
                           batch_size=F.tflite_batch_size)
         rows.append((mode, r))
-    print("\n| mode | file | size (MB) | max abs diff | rel. diff | top-1 agreement |")
+    pixels = any(r.get("pixel_agreement") is not None for _, r in rows)
+    print("\n| mode | file | size (MB) | max abs diff | rel. diff | "
+          f"{'per-pixel' if pixels else 'top-1'} agreement |")
     print("|---|---|---|---|---|---|")
     for mode, r in rows:
-        top1 = "-" if r["top1_agreement"] is None else f"{100 * r['top1_agreement']:.1f}%"
+        agreement = r.get("pixel_agreement") if pixels else r["top1_agreement"]
+        top1 = "-" if agreement is None else f"{100 * agreement:.1f}%"
         print(f"| {mode} | {r['path']} | {r['size_bytes'] / 1e6:.2f} | {r['max_abs_diff']:.2e} | "
               f"{r['relative_diff']:.2e} | {top1} |")
     with open(os.path.join(F.export_dir, "export_report.json"), "w") as f:
