@@ -112,6 +112,14 @@ def test_sigterm_mid_epoch_saves_that_step_and_the_rerun_ends_like_an_uninterrup
     assert saved % 20 and 5 <= saved < 40, saved  # mid-epoch: the SIGTERM checkpoint
     assert f"SIGTERM: saved a checkpoint at step {saved}" in log
     assert not os.path.exists(os.path.join(run, "model.keras"))
+    # the apps (evaluate, export) load a preempted run from its checkpoint
+    from keras_vit.training.trainer import load_trained_model
+
+    stored = list(checkpoint_arrays(newest_checkpoint(run)).values())
+    model = load_trained_model(run)
+    assert model.output_shape == (None, 8)
+    assert all(any(w.shape == v.shape and np.array_equal(w, v) for v in stored)
+               for w in model.get_weights())
 
     second = run_app("train.py", *args, f"--model_dir={run}")
     assert f"resuming from step {saved} of 40" in second.stderr

@@ -92,7 +92,9 @@ def test_train_evaluate_export_end_to_end(tmp_path):
     assert report["int8"]["size_bytes"] < report["fp32"]["size_bytes"]
     assert "| int8 |" in proc.stdout
 
-    proc = run_app("export.py", f"--model_path={run}", "--modes=int8", check=False)
+    # a model_dir calibrates on its run's data; a bare registered name needs --dataset
+    proc = run_app("export.py", "--model_path=vit_tiny_patch16_224", "--modes=int8",
+                   f"--export_dir={tmp_path}/bare", check=False)
     assert proc.returncode != 0 and "needs calibration data" in proc.stderr
 
 

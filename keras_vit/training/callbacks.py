@@ -60,16 +60,18 @@ def latest_step(ckpt_dir):
     return found[-1][0] if found else 0
 
 
-def restore(model, ckpt_dir):
+def restore(model, ckpt_dir, with_optimizer=True):
     """Loads model + optimizer state of the newest readable checkpoint; returns its step (0
     when the directory has none). An unreadable one is reported and the one before it is
-    used; when every one is unreadable, CheckpointError: never a silent start from scratch."""
+    used; when every one is unreadable, CheckpointError: never a silent start from scratch.
+    ``with_optimizer=False``: the weights alone matter (evaluation, export), so an optimizer
+    other than the run's (whose state Keras then skips) is no reason to reject the file."""
     found = list_checkpoints(ckpt_dir)
     problems = []
     for step, path in reversed(found):
         try:
             model.load_weights(path)
-            stored = int(model.optimizer.iterations.numpy())
+            stored = int(model.optimizer.iterations.numpy()) if with_optimizer else step
             if stored != step:
                 raise ValueError(f"it holds step {stored}, its name says {step}")
         except Exception as e:  # h5py/Keras raise many types for truncated or foreign files

@@ -228,9 +228,9 @@ def train(config, flags_text=None):
     # Checkpoint to resume from
     chief = is_chief()
     ckpt_dir = cb.checkpoint_dir(config.model_dir, chief, _worker_index())
-    step = _restore(model, config.model_dir, ckpt_dir, chief, strategy)
+    step, source = _restore(model, config.model_dir, ckpt_dir, chief, strategy)
     if step:
-        logging.info("resuming from step %d of %d (%s)", step, total_steps, ckpt_dir)
+        logging.info("resuming from step %d of %d (%s)", step, total_steps, source)
 
     # Started: the run's files
     if chief:
@@ -391,7 +391,7 @@ def _compiled_model(config, task, info, img_size, steps_per_epoch, total_steps, 
 
 
 def _restore(model, model_dir, ckpt_dir, chief, strategy):
-    """The step restored from the newest usable checkpoint (0: none). Every worker reads the
+    """(step, directory) of the newest usable checkpoint (step 0: none). Every worker reads the
     chief's checkpoints (a worker killed mid-run may have saved fewer), its own scratch copy
     only where it cannot see the chief's; all must restore the same step."""
     cb.remove_partial_checkpoints(ckpt_dir)
@@ -401,7 +401,7 @@ def _restore(model, model_dir, ckpt_dir, chief, strategy):
     if not same_on_every_worker(strategy, step):
         raise ValueError(f"--model_dir: the workers restored different steps (this one {step} "
                          f"from {source}); give every worker the same --model_dir")
-    return step
+    return step, source
 
 
 def _fit(model, strategy, train_pipe, val_pipe, step, steps_per_epoch, epochs, callbacks,
@@ -542,7 +542,7 @@ def load_trained_model(path):
     model = _build_student(config, prep["num_classes"], prep["img_size"])
     model.compile(optimizer=keras.optimizers.AdamW(1e-3))
     model.optimizer.build(model.trainable_variables)
-    cb.restore(model, ckpt_dir)
+    cb.restore(model, ckpt_dir, with_optimizer=False)
     return inference_model(model)
 
 
