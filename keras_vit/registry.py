@@ -75,14 +75,15 @@ def get_model_config(name):
 
 
 def model_task(model):
-    """The task of a built model: its registered variant's, else "segmentation" when a layer
-    of a segmentation family is in it (a model built from a builder under its own name),
-    else "classification"."""
+    """The task of a built model: its registered variant's, else that of the task package
+    (keras_vit.segmentation / keras_vit.detection) whose layers are in it (a model built from
+    a builder under its own name), else "classification"."""
     if model.name in _MODELS:
         return _MODELS[model.name][1]["task"]
-    if any(type(layer).__module__.startswith("keras_vit.segmentation.")
-           for layer in model._flatten_layers()):
-        return "segmentation"
+    for layer in model._flatten_layers():
+        for task in ("segmentation", "detection"):
+            if type(layer).__module__.startswith(f"keras_vit.{task}."):
+                return task
     return "classification"
 
 
@@ -135,4 +136,5 @@ def create_model(name, pretrained=None, **kwargs):
 
 def _import_families():
     import keras_vit.models  # noqa: F401  (registers every family)
+    import keras_vit.detection  # noqa: F401
     import keras_vit.segmentation  # noqa: F401
