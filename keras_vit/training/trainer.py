@@ -262,6 +262,9 @@ def train(config, flags_text=None):
     try:
         _fit(model, strategy, train_pipe, fit_val, step, steps_per_epoch, config.epochs,
              callbacks, verbose)
+    except Exception as e:
+        _raise_if_worker_lost(e, strategy, cb.checkpoint_dir(config.model_dir))
+        raise
     finally:
         sigterm.uninstall()
     final_step = int(optimizer.iterations.numpy())
@@ -410,23 +413,19 @@ def _fit(model, strategy, train_pipe, val_pipe, step, steps_per_epoch, epochs, c
     _build_before_multi_worker_fit(model, strategy, train_pipe)
     epoch, offset = divmod(step, steps_per_epoch)
     data = train_pipe.skip(step)  # the pipeline is seeded: skipping replays the same order
-    try:
-        if step < steps_per_epoch * epochs and offset:
-            model.fit(data, initial_epoch=epoch, epochs=epoch + 1,
-                      steps_per_epoch=steps_per_epoch - offset, validation_data=val_pipe,
-                      callbacks=callbacks, verbose=verbose, shuffle=False)  # tf.data shuffles
-            data = train_pipe.skip((epoch + 1) * steps_per_epoch)
-            epoch += 1
-        if epoch < epochs:
-            model.fit(data, initial_epoch=epoch, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                      validation_data=val_pipe, callbacks=callbacks, verbose=verbose,
-                      shuffle=False)
-    except Exception as e:
-        _raise_if_worker_lost(e, strategy, callbacks[0])
-        raise
+    if step < steps_per_epoch * epochs and offset:
+        model.fit(data, initial_epoch=epoch, epochs=epoch + 1,
+                  steps_per_epoch=steps_per_epoch - offset, validation_data=val_pipe,
+                  callbacks=callbacks, verbose=verbose, shuffle=False)  # tf.data shuffles
+        data = train_pipe.skip((epoch + 1) * steps_per_epoch)
+        epoch += 1
+    if epoch < epochs:
+        model.fit(data, initial_epoch=epoch, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                  validation_data=val_pipe, callbacks=callbacks, verbose=verbose,
+                  shuffle=False)
 
 
-def _raise_if_worker_lost(error, strategy, checkpoints):
+def _raise_if_worker_lost(error, strategy, resume_dir):
     """A collective that fails because a peer died (UnavailableError, "Socket closed", ...)
     ends this worker too: TF cannot rejoin a restarted worker into a running collective."""
     import tensorflow as tf
@@ -441,7 +440,7 @@ def _raise_if_worker_lost(error, strategy, checkpoints):
         f"a worker of the cluster was lost ({type(error).__name__}: {first}); this worker "
         f"stops too. TensorFlow cannot rejoin a restarted worker into a running job: start "
         f"every worker again with the same command, and training resumes from the last "
-        f"checkpoint (step {cb.latest_step(checkpoints.ckpt_dir)} in {checkpoints.ckpt_dir})"
+        f"checkpoint (step {cb.latest_step(resume_dir)} in {resume_dir})"
     ) from error
 
 
