@@ -435,7 +435,10 @@ def _raise_if_worker_lost(error, strategy, resume_dir):
                     tf.errors.CancelledError, tf.errors.DeadlineExceededError,
                     tf.errors.InternalError))):
         return
-    first = _op_error_text(error).splitlines()[0]
+    lines = [line.strip() for line in _op_error_text(error).splitlines() if line.strip()]
+    # "Graph execution error:" and the traced stack say nothing; the collective's line does
+    first = next((line for line in lines if "abort" in line.lower() or "unhealthy" in line),
+                 lines[0] if lines else "")
     raise WorkerLost(
         f"a worker of the cluster was lost ({type(error).__name__}: {first}); this worker "
         f"stops too. TensorFlow cannot rejoin a restarted worker into a running job: start "
