@@ -5,7 +5,8 @@ case and checked for: its output at the configured size, any other valid size (n
 too) and a ValueError naming the valid sizes for an invalid one, a safe-mode `.keras`
 round trip with identical outputs, builtin-only fp32 TFLite matching Keras, one training
 step lowering the loss, a headless model's pooled features, and features_only maps
-(classifiers), or NHWC logits trained with per-pixel labels (segmentation models). A
+(classifiers), or NHWC logits trained with per-pixel labels (segmentation models), or
+the detectors' dict of query logits and boxes trained with DETR's set criterion. A
 family registered without a case fails here: add it to tests/families.py. What is special
 to a family (parity with its reference, parameter counts, its quirks) stays in
 tests/test_<family>.py.
@@ -64,6 +65,13 @@ def _num_classes(case):
 def _check_output(case, out, batch, size):
     """Classifiers: (B, classes) logits. Segmentation models: NHWC logits at a resolution
     (their reference's: the input's, or a fixed fraction of it) no larger than the input."""
+    if task_of(case) == "detection":
+        logits, boxes = np.asarray(out["logits"]), np.asarray(out["pred_boxes"])
+        assert logits.shape[0] == batch and logits.shape[-1] in (_num_classes(case),
+                                                                  _num_classes(case) + 1)
+        assert boxes.shape == (batch, logits.shape[1], 4)
+        assert ((boxes >= 0) & (boxes <= 1)).all() and np.isfinite(logits).all()
+        return
     out = np.asarray(out)
     if task_of(case) == "classification":
         assert out.shape == (batch, _num_classes(case))
@@ -126,9 +134,34 @@ def test_features_only_returns_maps_and_checks_out_indices(classifier):
 # Last: it changes the module's model's weights.
 def test_one_training_step_lowers_the_loss(case, model, x):
     # lr 1e-4: at 1e-3 the step overshoots on BoTNet's BatchNorm-heavy stages.
+    if task_of(case) == "detection":
+        _check_detection_train_step(case, model, x)
+        return
     if task_of(case) == "classification":
         labels = np.arange(BATCH)
     else:  # random per-pixel labels of the logits' size
         h, w = model.output_shape[1:3]
         labels = np.random.default_rng(0).integers(0, _num_classes(case), (BATCH, h, w))
     check_train_step_lowers_loss(model, x, labels, lr=1e-4)
+
+
+def _check_detection_train_step(case, model, x):
+    """One AdamW step on the set criterion (focal for sigmoid detectors, whose logits have
+    no no-object column) lowers it on random targets: 0-3 boxes per image."""
+    from keras_vit.detection import SetCriterion, SetPredictionModel
+
+    classes = _num_classes(case)
+    focal = model.output_shape["logits"][-1] == classes
+    rng = np.random.default_rng(0)
+    target_classes = np.full((BATCH, 3), -1, np.int32)
+    target_boxes = np.zeros((BATCH, 3, 4), np.float32)
+    for image, count in enumerate([1, 2, 0, 3]):
+        target_classes[image, :count] = rng.integers(0, classes, count)
+        target_boxes[image, :count] = rng.uniform(0.2, 0.5, (count, 4))
+    y = {"classes": target_classes, "boxes": target_boxes}
+    trainer = SetPredictionModel(model, SetCriterion(classes, focal=focal))
+    trainer.compile(optimizer=keras.optimizers.AdamW(1e-4, weight_decay=0.05), run_eagerly=True)
+    before = float(trainer.evaluate(x, y, verbose=0, batch_size=BATCH))
+    trainer.train_on_batch(x, y)
+    after = float(trainer.evaluate(x, y, verbose=0, batch_size=BATCH))
+    assert after < before, (before, after)

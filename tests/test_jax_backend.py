@@ -41,8 +41,7 @@ def _build(variant):
 
 def _outputs(model, x):
     """Every output of the model as y0, y1, ... for np.savez."""
-    outputs = model(x, training=False)
-    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    outputs = keras.tree.flatten(model(x, training=False))  # lists and detectors' dicts
     return {f"y{i}": keras.ops.convert_to_numpy(o) for i, o in enumerate(outputs)}
 
 
