@@ -78,6 +78,12 @@ SMALLEST = {
     # decoder1); MedT's patch graph is exported in tests/test_medt.py.
     "medt": ("gated_axial_unet", dict(img_size=32, width_scale=0.03125, groups=2,
                                       depths=(1, 1, 1, 1), num_classes=5)),
+    # ResNet (torchvision layout): one bottleneck per stage, projection shortcuts, narrow.
+    "resnet": ("resnet50", dict(img_size=64, layers=(1, 1, 1, 1), widths=(8, 16, 24, 32),
+                                num_classes=5)),
+    # YOLOS-S: [CLS] + 10 [DET] tokens, a mid-layer position embedding after the first block.
+    "yolos": ("yolos_s", dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                              num_queries=10, num_classes=5)),
 }
 
 

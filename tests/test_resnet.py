@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+
+import keras_vit
+from conftest import fixture_path, images, load_fixture_index, load_param_counts
+from helpers import (
+    check_builds_at,
+    check_keras_round_trip,
+    check_timm_parity,
+    create_model_without_weights,
+)
+from keras_vit.convert import load_checkpoint, load_timm_weights
+from keras_vit.models.resnet import FrozenBatchNorm, resnet
+
+FIXTURES = load_fixture_index("resnet")
+TINY = dict(FIXTURES["resnet_tiny_64"]["kwargs"])
+
+
+def trainable_params(model):
+    return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_timm_parity(name):
+    check_timm_parity("resnet", name, FIXTURES[name])
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet101"])
+def test_parameter_count_equals_timm(name):
+    ref = load_param_counts("resnet")[name]  # 25,557,032 and 44,549,160
+    model = create_model_without_weights(name)
+    assert trainable_params(model) == ref["params"]
+    assert model.output_shape[-1] == ref["num_classes"]
+    # torchvision / timm names, identical in both.
+    for layer in ("conv1", "bn1", "layer1.0.conv1", "layer1.0.downsample.0",
+                  "layer1.0.downsample.1", "layer4.2.conv3", "fc"):
+        model.get_layer(layer)
+
+
+def test_frozen_batch_norm_equals_batch_norm_inference_and_stays_fixed():
+    """FrozenBatchNorm gives the checkpoint's BatchNorm inference output, in training too,
+    has no trainable weights even after ``model.trainable = True``, and loads the same keys."""
+    entry = FIXTURES["resnet_tiny_64"]
+    weights = load_checkpoint(fixture_path("resnet", entry["weights"]))
+    frozen = resnet(**dict(TINY, frozen_batch_norm=True))
+    load_timm_weights(frozen, weights)
+    data = np.load(fixture_path("resnet", "resnet_tiny_64.npz"))
+    for training in (False, True):
+        np.testing.assert_allclose(np.asarray(frozen(data["x"], training=training)),
+                                   data["y0"], atol=1e-4)
+    frozen.trainable = True
+    bns = [l for l in frozen.layers if isinstance(l, FrozenBatchNorm)]
+    assert len(bns) == 1 + 3 * 5 + 4  # stem, 3 per bottleneck (5 blocks), 4 downsamples
+    trainable = {id(w) for w in frozen.trainable_weights}
+    assert trainable and not any(id(w) in trainable for bn in bns for w in bn.weights)
+    before = [np.asarray(w) for w in bns[0].weights]
+    frozen(data["x"], training=True)
+    for a, w in zip(before, bns[0].weights):
+        np.testing.assert_array_equal(a, np.asarray(w))
+
+
+def test_features_only_stage_maps_and_dilation():
+    feats = resnet(**dict(TINY, features_only=True, out_indices=(1, 2, 3)))
+    assert [tuple(o.shape[1:]) for o in feats.outputs] == [(8, 8, 64), (4, 4, 96), (2, 2, 128)]
+    # layer4 is never built when not asked for.
+    c4 = resnet(**dict(TINY, features_only=True, out_indices=(2,)))
+    assert "layer4.0.conv1" not in [l.name for l in c4.layers]
+    dc5 = resnet(**dict(TINY, features_only=True, out_indices=(-1,),
+                        replace_stride_with_dilation=(False, False, True)))
+    assert tuple(dc5.output_shape[1:]) == (4, 4, 128)
+    # torchvision: the dilated stage's first block keeps dilation 1, the others dilate by 2.
+    assert dc5.get_layer("layer4.0.conv2").dilation_rate == (1, 1)
+    assert dc5.get_layer("layer3.0.conv2").strides == (2, 2)
+    with pytest.raises(ValueError, match="network stride 16; valid neighbours: 48 or 64"):
+        resnet(**dict(TINY, img_size=56, replace_stride_with_dilation=(False, False, True)))
+
+
+def test_round_trip_and_any_valid_size(tmp_path):
+    model = resnet(**dict(TINY, frozen_batch_norm=True))
+    check_keras_round_trip(model, images(2, 64), tmp_path)
+    check_builds_at(resnet, TINY, (64, 96))
+
+
+def test_invalid_size_names_valid_neighbours():
+    with pytest.raises(ValueError, match=r"network stride 32; valid neighbours: 224 or 256"):
+        keras_vit.create_model("resnet50", img_size=230)
+    with pytest.raises(ValueError, match="block must be"):
+        resnet(block="wide", layers=(1, 1, 1, 1))
