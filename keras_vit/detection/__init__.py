@@ -19,7 +19,8 @@ from keras_vit.detection.matcher import (
 )
 
 # Every module but the shared ones is a family; importing it registers its variants.
-_SHARED = ("boxes", "matcher", "losses", "data", "training", "plots")
+_SHARED = ("boxes", "matcher", "losses", "data", "training", "plots", "postprocess",
+           "metrics")
 
 for _info in pkgutil.iter_modules(__path__):
     if _info.name not in _SHARED and not _info.name.startswith("_"):
