@@ -22,9 +22,11 @@ from absl import app, flags, logging  # noqa: E402
 F = flags.FLAGS
 flags.DEFINE_string("model", "vit_tiny_patch16_224", "Registered model name (keras_vit.list_models()).")
 flags.DEFINE_string("model_args", "{}", "JSON dict of builder overrides, e.g. '{\"patch_size\": 4, \"depth\": 6}'.")
-flags.DEFINE_enum("task", None, ["classification", "segmentation"], "Task (default: the model's).")
+flags.DEFINE_enum("task", None, ["classification", "segmentation", "detection"],
+                  "Task (default: the model's).")
 flags.DEFINE_string("dataset", "shapes", "shapes | folder:PATH | tfrecord:GLOB | tfds:NAME "
-                    "(segmentation: shapes | folder:PATH of images/ + annotations/, docs/data.md).")
+                    "(segmentation: shapes | folder:PATH of images/ + annotations/; detection: shapes | "
+                    "coco:ANNOTATIONS.json; docs/data.md).")
 flags.DEFINE_integer("img_size", None, "Input size (default: the model's).")
 flags.DEFINE_integer("train_samples", None, "shapes: number of training images.")
 flags.DEFINE_integer("val_samples", None, "shapes: number of validation images.")
@@ -110,6 +112,8 @@ def print_summary(s):
              f"{s['steps']} steps in {s['train_seconds']:.0f} s"]
     if "val_accuracy" in s:
         lines.append(f"validation accuracy {100 * s['val_accuracy']:.1f}%")
+    if "val_AP" in s:
+        lines.append(f"validation AP {100 * s['val_AP']:.1f}, AP50 {100 * s['val_AP50']:.1f}")
     if "val_miou" in s:
         lines.append(f"validation mIoU {100 * s['val_miou']:.1f}%, pixel accuracy "
                      f"{100 * s['val_pixel_accuracy']:.1f}%")

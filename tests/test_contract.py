@@ -151,7 +151,7 @@ def _check_detection_train_step(case, model, x):
     from keras_vit.detection import SetCriterion, SetPredictionModel
 
     classes = _num_classes(case)
-    focal = model.output_shape["logits"][-1] == classes
+    focal = model.output["logits"].shape[-1] == classes
     rng = np.random.default_rng(0)
     target_classes = np.full((BATCH, 3), -1, np.int32)
     target_boxes = np.zeros((BATCH, 3, 4), np.float32)

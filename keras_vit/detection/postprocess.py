@@ -32,8 +32,9 @@ def postprocess(outputs, image_size, top_k=100, sigmoid=False):
     else:
         k = min(top_k, num_queries)
         prob = ops.softmax(ops.cast(logits, "float32"), axis=-1)[..., :-1]
-        best = ops.max(prob, axis=-1)
-        scores, query = ops.top_k(best, k)
-        classes = ops.take_along_axis(ops.argmax(prob, axis=-1), query, axis=1)
+        # top_k of 1 as the argmax: Keras' TF argmax emits BitwiseAnd, not a TFLite builtin
+        best, best_class = ops.top_k(prob, 1)
+        scores, query = ops.top_k(best[..., 0], k)
+        classes = ops.take_along_axis(best_class[..., 0], query, axis=1)
     picked = ops.take_along_axis(xyxy, ops.expand_dims(query, -1), axis=1)
     return {"scores": scores, "classes": ops.cast(classes, "int32"), "boxes": picked}

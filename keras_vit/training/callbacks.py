@@ -287,7 +287,8 @@ def load_history(path):
 
 
 def plot_history(history, path):
-    """Loss and accuracy per epoch as a PNG."""
+    """Loss and the task's metric (accuracy, segmentation's mean_iou) per epoch as a PNG;
+    the loss alone where the run logs no metric (detection)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -296,8 +297,9 @@ def plot_history(history, path):
     if not history:
         return None
     epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key in zip(axes, ("loss", "accuracy")):
+    keys = ["loss"] + [k for k in ("accuracy", "mean_iou") if any(k in h for h in history)][:1]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
         for prefix, style in (("", "-"), ("val_", "--")):
             values = [h.get(prefix + key) for h in history]
             if any(v is not None for v in values):

@@ -20,7 +20,7 @@ from keras_vit.training.strategy import (STRATEGIES, get_strategy, is_chief, is_
 
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
-TASKS = ("classification", "segmentation")
+TASKS = ("classification", "segmentation", "detection")
 TFLITE_EXPORTS = ("none", "fp32", "fp16", "dynamic", "int8")
 _TFLITE_MODE = {"fp32": "none", "fp16": "float16", "dynamic": "dynamic", "int8": "int8"}
 
@@ -28,7 +28,7 @@ _TFLITE_MODE = {"fp32": "none", "fp16": "float16", "dynamic": "dynamic", "int8":
 @dataclasses.dataclass
 class TrainConfig:
     model: str = "vit_tiny_patch16_224"
-    task: str = None  # None: the model's (registry): classification or segmentation
+    task: str = None  # None: the model's (registry): classification, segmentation, detection
     model_args: dict = dataclasses.field(default_factory=dict)  # builder overrides (depth, ...)
     dataset: str = "shapes"
     img_size: int = None  # None: the model's default input size
@@ -81,13 +81,14 @@ def validate(config):
          f"--schedule must be one of {WarmupSchedule.SCHEDULES}")
     need(config.task in (None,) + TASKS, f"--task must be one of {TASKS}")
     task = _task(config)
-    if task == "segmentation":
-        need(config.dataset.split(":", 1)[0] in ("shapes", "folder"),
-             f"--task=segmentation reads shapes or folder:PATH, got --dataset={config.dataset!r}")
+    if task != "classification":
+        kinds = {"segmentation": ("shapes", "folder"), "detection": ("shapes", "coco")}[task]
+        need(config.dataset.split(":", 1)[0] in kinds,
+             f"--task={task} reads {' or '.join(kinds)}, got --dataset={config.dataset!r}")
         need(not (config.teacher or config.mixup or config.cutmix or config.randaugment
                   or config.label_smoothing),
              "--teacher, --mixup, --cutmix, --randaugment and --label_smoothing are "
-             "classification options; --task=segmentation does not take them")
+             f"classification options; --task={task} does not take them")
     need(config.strategy in STRATEGIES, f"--strategy must be one of {STRATEGIES}")
     need(config.mixed_precision in PRECISIONS, f"--mixed_precision must be one of {PRECISIONS}")
     need(config.export_tflite in TFLITE_EXPORTS, f"--export_tflite must be one of {TFLITE_EXPORTS}")
@@ -158,6 +159,11 @@ def _build_student(config, num_classes, img_size):
         kwargs["drop_path_rate"] = config.drop_path_rate
     if config.teacher and "distilled" in config.model:
         kwargs["distilled_training"] = True
+    if _task(config) == "detection":  # with the decoder layers' outputs for the aux losses
+        from keras_vit.detection.training import build_detector
+
+        return build_detector(lambda **extra: create_model(config.model, **kwargs, **extra),
+                              num_classes)
     return create_model(config.model, **kwargs)
 
 
@@ -177,11 +183,14 @@ def inference_model(model):
     """The deployable model: distilled students average their two heads; segmentation
     models trained with auxiliary heads keep the main one."""
     from keras_vit.models.vit import distilled_inference_model
+    from keras_vit.detection.training import detection_inference_model
     from keras_vit.registry import model_task
     from keras_vit.segmentation.training import segmentation_inference_model
 
     if model_task(model) == "segmentation":
         return segmentation_inference_model(model)
+    if model_task(model) == "detection":
+        return detection_inference_model(model)
     return distilled_inference_model(model) if len(model.outputs) == 2 else model
 
 
@@ -280,7 +289,13 @@ def train(config, flags_text=None):
         summary["curve"] = cb.plot_history(cb.load_history(history_path),
                                            cb.join(config.model_dir, "training_curve.png"))
         if config.export_dir:
-            summary.update(export_all(deploy, config.export_dir, config.export_tflite, val_pipe))
+            exported = deploy
+            if task == "detection":  # the post-processing runs inside the exported graph
+                from keras_vit.detection.training import with_postprocessing
+
+                exported = with_postprocessing(deploy, info.num_classes)
+            summary.update(export_all(exported, config.export_dir, config.export_tflite,
+                                      val_pipe))
         write_json(cb.join(config.model_dir, "summary.json"), summary)
     return summary
 
@@ -319,10 +334,11 @@ def _load_pipelines(config, task, img_size, cfg):
     record schema or an undecodable file fails here rather than at the first step."""
     import tensorflow as tf
 
+    from keras_vit.detection import training as detection
     from keras_vit.segmentation import training as segmentation
 
-    make = (segmentation.segmentation_pipelines if task == "segmentation"
-            else _classification_pipelines)
+    make = {"segmentation": segmentation.segmentation_pipelines,
+            "detection": detection.detection_pipelines}.get(task, _classification_pipelines)
     try:
         train_pipe, val_pipe, info, pipe = make(config, img_size, cfg)
         next(iter(train_pipe.take(1)))
@@ -351,6 +367,7 @@ def _soft_labels(config):
 
 def _compiled_model(config, task, info, img_size, steps_per_epoch, total_steps, jit_compile):
     """(student, the model fit trains, its optimizer), compiled and built; call in scope."""
+    from keras_vit.detection import training as detection
     from keras_vit.segmentation import training as segmentation
 
     try:
@@ -374,6 +391,9 @@ def _compiled_model(config, task, info, img_size, steps_per_epoch, total_steps, 
         teacher = _load_teacher(config.teacher, info.num_classes, img_size)
         model = DistillationModel(student, teacher, config.distillation,
                                   label_smoothing=config.label_smoothing)
+        model.compile(optimizer=optimizer, jit_compile=jit_compile)
+    elif task == "detection":  # the set criterion (in-graph Hungarian matching) is the loss
+        model = detection.detection_training_model(student, info.num_classes)
         model.compile(optimizer=optimizer, jit_compile=jit_compile)
     elif task == "segmentation":
         model = student
@@ -448,10 +468,14 @@ def _raise_if_worker_lost(error, strategy, resume_dir):
 
 
 def _validation_metrics(deploy, task, val_pipe, num_classes):
+    from keras_vit.detection import training as detection
     from keras_vit.segmentation import training as segmentation
 
     if val_pipe is None:
         return {}
+    if task == "detection":
+        metrics = detection.evaluate_detection(deploy, val_pipe, num_classes)
+        return {f"val_{name}": value for name, value in metrics.items()}
     if task == "segmentation":
         metrics = segmentation.evaluate_segmentation(deploy, val_pipe, num_classes)
         return dict(val_miou=metrics["mIoU"], val_pixel_accuracy=metrics["pixel_accuracy"],

@@ -1,0 +1,97 @@
+"""What the trainer and the apps do differently for the detection task: data, the set
+criterion around the model, the deployable model with its post-processing, and COCO mAP."""
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_vit.detection.losses import SetCriterion, SetPredictionModel
+from keras_vit.detection.metrics import CocoEvaluator
+from keras_vit.detection.postprocess import postprocess
+
+PREDICTION_KEYS = ("logits", "pred_boxes")
+
+
+def detection_pipelines(config, img_size, cfg):
+    """(train pipeline, validation pipeline or None, DatasetInfo, pipeline settings)."""
+    from absl import logging
+
+    from keras_vit.detection.data import load_detection_dataset, make_detection_pipeline
+
+    train_ds, info = load_detection_dataset(config.dataset, "train", img_size=img_size,
+                                            seed=config.seed, num_samples=config.train_samples)
+    try:
+        val_ds, _ = load_detection_dataset(config.dataset, "validation", img_size=img_size,
+                                           seed=config.seed, num_samples=config.val_samples)
+    except ValueError as e:
+        logging.warning("no validation split (%s); training without validation", e)
+        val_ds = None
+    pipe = dict(img_size=img_size, batch_size=config.batch_size, mean=cfg["mean"],
+                std=cfg["std"], seed=config.seed)
+    train_pipe = make_detection_pipeline(train_ds, training=True, repeat=True, **pipe)
+    val_pipe = (make_detection_pipeline(val_ds, training=False, **pipe)
+                if val_ds is not None else None)
+    return train_pipe, val_pipe, info, dict(pipe, num_classes=info.num_classes,
+                                            task="detection")
+
+
+def sigmoid_scores(model, num_classes):
+    """Deformable DETR's logits have one column per class (sigmoid); DETR's one more."""
+    return model.output["logits"].shape[-1] == num_classes
+
+
+def build_detector(create, num_classes):
+    """The detector with its auxiliary decoder outputs where it has them (the set criterion
+    then weighs every decoder layer, as the references train)."""
+    try:
+        return create(aux_outputs=True)
+    except (TypeError, ValueError) as e:
+        if "aux_outputs" not in str(e):
+            raise
+        return create()
+
+
+def detection_training_model(student, num_classes, matcher="in_graph"):
+    """The student wrapped with its set criterion (focal for sigmoid detectors)."""
+    criterion = SetCriterion(num_classes, focal=sigmoid_scores(student, num_classes),
+                             matcher=matcher)
+    return SetPredictionModel(student, criterion, name=f"{student.name}_set_prediction")
+
+
+def detection_inference_model(model):
+    """The deployable detector: the last decoder layer's logits and boxes alone."""
+    if set(model.output) == set(PREDICTION_KEYS):
+        return model
+    return keras.Model(model.inputs, {k: model.output[k] for k in PREDICTION_KEYS},
+                       name=model.name)
+
+
+def with_postprocessing(model, num_classes, top_k=100):
+    """The detector followed by ``postprocess``: scores, classes and xyxy boxes in input
+    pixels, static shapes (what the SavedModel and TFLite exports run)."""
+    size = model.input_shape[1:3] if not isinstance(model.input_shape, list) else \
+        model.input_shape[0][1:3]
+    outputs = postprocess(model.output, size, top_k=top_k,
+                          sigmoid=sigmoid_scores(model, num_classes))
+    return keras.Model(model.inputs, outputs, name=f"{model.name}_postprocessed")
+
+
+def evaluate_detection(model, pipe, num_classes, top_k=100):
+    """COCO AP, AP50, AP75, small/medium/large of ``model`` over a pipeline of (images,
+    padded targets), boxes in the canvas' pixels."""
+    sigmoid = sigmoid_scores(model, num_classes)
+    evaluator = CocoEvaluator(num_classes)
+    for images, targets in pipe:
+        size = tuple(images.shape[1:3])
+        outputs = model(images, training=False)
+        found = postprocess({k: outputs[k] for k in PREDICTION_KEYS}, size, top_k, sigmoid)
+        scale = np.array([size[1], size[0], size[1], size[0]], np.float32)
+        gt = np.asarray(targets["boxes"])
+        gt_xyxy = np.concatenate([gt[..., :2] - gt[..., 2:] / 2, gt[..., :2] + gt[..., 2:] / 2],
+                                 -1) * scale
+        for i in range(len(gt)):
+            evaluator.add(gt_xyxy[i], np.asarray(targets["classes"])[i],
+                          ops.convert_to_numpy(found["boxes"][i]),
+                          ops.convert_to_numpy(found["scores"][i]),
+                          ops.convert_to_numpy(found["classes"][i]), size)
+    return evaluator.result()
