@@ -2,7 +2,9 @@
 by layer name; this module adds the converters of the layers with their own layout and the
 adapter that renames Hugging Face's ``DeformableDetrForObjectDetection`` checkpoints (the
 hub's ``save_pretrained`` names and transformers 5's ``state_dict()`` names) to the official
-ones.
+ones. The decoder's self-attention is DETR's ``PositionalAttention`` (its converter in
+convert/detr.py splits the official ``in_proj_weight``); Hugging Face's q/k/v projections are
+fused into it here, so that one naming reaches the layers.
 
 Both namings repeat tensors: the official plain model's ``class_embed.0..5`` are one module,
 box refinement's ``transformer.decoder.bbox_embed`` (two-stage: ``class_embed`` too) is the
@@ -17,29 +19,17 @@ import numpy as np
 
 from keras_vit.convert.core import (
     _identity,
-    _linear,
     register_layer_converter,
     register_state_dict_adapter,
     to_numpy,
 )
-from keras_vit.detection.deformable_detr import LevelMasks, QueryPositionSelfAttention
+from keras_vit.detection.deformable_detr import LevelMasks
 
 
 @register_layer_converter(LevelMasks)
 def _level_embed(layer, path, options):
     return [(layer.level_embed, path, _identity)]  # ``transformer.level_embed``
 
-
-def _self_attention(layer, path, options):
-    """nn.MultiheadAttention's fused ``in_proj_weight`` (3 dim, dim) and ``out_proj``."""
-    return [(layer.qkv.kernel, f"{path}.in_proj_weight", _linear),
-            (layer.qkv.bias, f"{path}.in_proj_bias", _identity),
-            (layer.proj.kernel, f"{path}.out_proj.weight", _linear),
-            (layer.proj.bias, f"{path}.out_proj.bias", _identity)]
-
-
-_self_attention.covers_sublayers = True
-register_layer_converter(QueryPositionSelfAttention)(_self_attention)
 
 _HF_RENAMES = [
     (r"^model\.backbone\.(conv_encoder\.)?model\.", "backbone.0.body."),

@@ -26,7 +26,8 @@ brought to each level by nearest interpolation as the reference.
 
 Layer names are the official module paths (``backbone.0.body.layer1.0.conv1``,
 ``input_proj.0.0``, ``transformer.encoder.layers.0.self_attn.sampling_offsets``,
-``transformer.decoder.layers.0.self_attn`` (in_proj / out_proj), ``query_embed``,
+``transformer.decoder.layers.0.self_attn`` (DETR's PositionalAttention: the official
+nn.MultiheadAttention's in_proj split by keras_vit/convert/detr.py), ``query_embed``,
 ``class_embed.0``, ``bbox_embed.0.layers.0``); keras_vit/convert/deformable_detr.py maps the
 rest and renames Hugging Face's ``DeformableDetrForObjectDetection`` checkpoints.
 """
@@ -37,8 +38,8 @@ import numpy as np
 import keras
 from keras import ops
 
-from keras_vit.layers import MultiHeadAttention, MultiScaleDeformableAttention
-from keras_vit.layers.attention import merge_heads, split_heads
+from keras_vit.detection.detr import PositionalAttention
+from keras_vit.layers import MultiScaleDeformableAttention
 from keras_vit.models.common import check_img_size, check_in_chans
 from keras_vit.models.resnet import resnet
 from keras_vit.registry import IMAGENET_MEAN, IMAGENET_STD, register_variant
@@ -162,24 +163,6 @@ class EncoderReferencePoints(keras.layers.Layer):
         return {**super().get_config(), "spatial_shapes": self.spatial_shapes}
 
 
-@keras.saving.register_keras_serializable(package="keras_vit")
-class QueryPositionSelfAttention(MultiHeadAttention):
-    """torch's ``nn.MultiheadAttention`` as DETR decoders call it: queries and keys from
-    x + pos, values from x, one fused ``in_proj`` (here ``qkv``) and ``out_proj`` (``proj``)."""
-
-    def call(self, x, pos, training=None):
-        d = self.inner_dim
-        kernel, bias = self.qkv.kernel, self.qkv.bias
-        qk = ops.matmul(x + pos, kernel[:, :2 * d]) + bias[:2 * d]
-        v = ops.matmul(x, kernel[:, 2 * d:]) + bias[2 * d:]
-        q, k, v = (split_heads(t, self.num_heads) for t in (qk[..., :d], qk[..., d:], v))
-        out = merge_heads(self.attend(q, k, v, training=training))
-        return self.proj_dropout(self.proj(out), training=training)
-
-    def build(self, x_shape, pos_shape=None):
-        super().build(x_shape)
-
-
 def _linear(units, name, **kwargs):
     return keras.layers.Dense(units, name=name, **kwargs)
 
@@ -240,7 +223,7 @@ class DeformableDecoderLayer(keras.layers.Layer):
         self.spatial_shapes = tuple(tuple(int(v) for v in s) for s in spatial_shapes)
         self.cross_attn = MultiScaleDeformableAttention(dim, spatial_shapes, num_heads,
                                                         num_points, name="cross_attn")
-        self.self_attn = QueryPositionSelfAttention(dim, num_heads, name="self_attn")
+        self.self_attn = PositionalAttention(dim, num_heads, name="self_attn")  # DETR's
         self.norm1, self.norm2, self.norm3 = _norm("norm1"), _norm("norm2"), _norm("norm3")
         self.linear1 = _linear(ffn_dim, "linear1", activation="relu")
         self.linear2 = _linear(dim, "linear2")
@@ -258,7 +241,7 @@ class DeformableDecoderLayer(keras.layers.Layer):
         ratios = valid_ratios if reference_points.shape[-1] == 2 else ops.concatenate(
             [valid_ratios, valid_ratios], axis=-1)
         ref = reference_points[:, :, None] * ratios[:, None]
-        x = self.norm2(x + self.drops[0](self.self_attn(x, pos, training=training),
+        x = self.norm2(x + self.drops[0](self.self_attn(x, query_pos=pos, training=training),
                                          training=training))
         attn = self.cross_attn(x + pos, ref, memory, value_mask)
         x = self.norm1(x + self.drops[1](attn, training=training))
