@@ -81,6 +81,18 @@ SMALLEST = {
     # ResNet (torchvision layout): one bottleneck per stage, projection shortcuts, narrow.
     "resnet": ("resnet50", dict(img_size=64, layers=(1, 1, 1, 1), widths=(8, 16, 24, 32),
                                 num_classes=5)),
+    # Deformable DETR two-stage (box refinement, encoder proposals, top-k) on a one-bottleneck
+    # ResNet: 4 levels at 64 px (8x8 .. 1x1), 1 encoder / 2 decoder layers; dropout off.
+    "deformable_detr": ("deformable_detr_resnet50_two_stage", dict(
+        img_size=64, backbone_layers=(1, 1, 1, 1), backbone_widths=(4, 8, 8, 16), embed_dim=32,
+        num_heads=2, enc_layers=1, dec_layers=2, enc_points=2, dec_points=2, ffn_dim=64,
+        num_queries=5, num_classes=5, dropout=0.0)),
+    # DETR on a one-bottleneck ResNet (frozen BN, 2x2 C5 at 64 px), 2 encoder / 2 decoder
+    # layers, 10 queries; dropout off for the one-step check.
+    "detr": ("detr_resnet50", dict(img_size=64, backbone_args=dict(layers=(1, 1, 1, 1),
+                                                                   widths=(8, 16, 24, 32)),
+                                   hidden_dim=32, num_heads=4, enc_layers=2, dec_layers=2,
+                                   ffn_dim=64, num_queries=10, num_classes=5, dropout=0.0)),
     # YOLOS-S: [CLS] + 10 [DET] tokens, a mid-layer position embedding after the first block.
     "yolos": ("yolos_s", dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                               num_queries=10, num_classes=5)),
