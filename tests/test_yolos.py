@@ -173,3 +173,29 @@ def test_pixel_mask_is_accepted_and_unread():
     a, b = plain(x, training=False), masked([x, mask], training=False)
     for key in ("logits", "pred_boxes"):
         np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
+
+
+def test_pretrained_with_other_classes_keeps_the_body_and_resets_the_class_head():
+    """create_model(num_classes=K, pretrained=PATH): every weight loads but the class MLP's
+    last layer, whose output axis is the classes + no-object (fine-tuning, as timm's heads)."""
+    import json
+    import os
+
+    import keras_vit
+    from conftest import fixture_path
+    from keras_vit.convert import load_checkpoint
+
+    with open(fixture_path("yolos", "fixtures.json")) as f:
+        entry = json.load(f)["yolos_hf_64"]
+    kwargs = {k: v for k, v in entry["kwargs"].items() if k != "num_classes"}
+    path = fixture_path("yolos", entry["weights"])
+    model = keras_vit.create_model("yolos_ti", pretrained=path, num_classes=3, **kwargs)
+    assert model.output["logits"].shape[-1] == 4
+    reference = keras_vit.create_model("yolos_ti", pretrained=path, **entry["kwargs"])
+    state = load_checkpoint(path)
+    assert os.path.exists(path) and any("class" in k for k in state)
+    by_path = {w.path: w for w in reference.weights}
+    kept = [w for w in model.weights if w.path in by_path and w.shape == by_path[w.path].shape]
+    assert len(kept) == len(model.weights) - 2  # the last class layer's kernel and bias
+    for w in kept:
+        np.testing.assert_array_equal(np.asarray(w), np.asarray(by_path[w.path]))

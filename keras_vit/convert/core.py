@@ -199,11 +199,11 @@ def _looks_features_only(model):
     return all(len(t.shape) == 4 for t in model.outputs) and model_task(model) == "classification"
 
 
-def _is_classifier(key, var, segmentation_classes):
-    """A classifier weight: timm's heads by name; in a segmentation model, any weight whose
-    output axis is the class count (main and auxiliary classifiers of every family)."""
-    return key in CLASSIFIER_KEYS or (segmentation_classes is not None and len(var.shape) > 0
-                                      and var.shape[-1] == segmentation_classes)
+def _is_classifier(key, var, class_columns):
+    """A classifier weight: timm's heads by name; in a segmentation or detection model, any
+    weight whose output axis is the class count (main and auxiliary classifiers)."""
+    return key in CLASSIFIER_KEYS or (class_columns is not None and len(var.shape) > 0
+                                      and var.shape[-1] == class_columns)
 
 
 def to_numpy(value):
@@ -251,14 +251,18 @@ def load_timm_weights(model, state_dict, strict=True, interpolation="bicubic", a
     missing, mismatched, assignments, used = [], [], [], set()
     from keras_vit.registry import model_task
 
-    segmentation_classes = (model.outputs[0].shape[-1] if model_task(model) == "segmentation"
-                            else None)
+    task = model_task(model)
+    # Segmentation and detection classifiers: every weight whose output axis is the class
+    # count of the logits (main and auxiliary heads; detection's include the no-object column).
+    class_columns = {"segmentation": lambda: model.outputs[0].shape[-1],
+                     "detection": lambda: model.output["logits"].shape[-1]}.get(
+                         task, lambda: None)()
     for var, key, convert in entries:
         if key not in state_dict:
             missing.append(key)
             continue
         used.add(key)
-        if (new_classifier and _is_classifier(key, var, segmentation_classes)
+        if (new_classifier and _is_classifier(key, var, class_columns)
                 and np.shape(state_dict[key])[0] != var.shape[-1]):
             continue
         try:

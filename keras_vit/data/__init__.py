@@ -105,6 +105,21 @@ def _random_resized_crop(image, img_size, scale, method, seed):
                            antialias=True)
 
 
+def seeded_shuffle(ds, seed, shuffle_buffer, repeat):
+    """The training order: shuffled with the seed, each pass reshuffled, repeated if asked.
+
+    Repeated, every iterator gets a fresh shuffle state: the order of pass k depends on
+    (seed, k) alone, not on what other iterators (a probe, Keras' first-batch peek, their
+    read-ahead) drew before, so ``skip(n)`` replays it in a resumed process. Every task's
+    training pipeline starts with it."""
+    import tensorflow as tf
+
+    if not repeat:
+        return ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    return tf.data.Dataset.range(1).flat_map(lambda _: ds.shuffle(
+        shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat())
+
+
 def make_pipeline(ds, *, training, img_size, batch_size, num_classes, mean=(0.485, 0.456, 0.406),
                   std=(0.229, 0.224, 0.225), interpolation="bicubic", crop_pct=0.875,
                   randaugment=False, mixup=0.0, cutmix=0.0, label_smoothing=0.0, seed=0,
@@ -128,15 +143,7 @@ def make_pipeline(ds, *, training, img_size, batch_size, num_classes, mean=(0.48
     soft = training and bool(mixup or cutmix or label_smoothing)
 
     if training:
-        if repeat:  # a fresh shuffle state for each iterator: the order of pass k depends on
-            # (seed, k) alone, not on what other iterators (a probe, Keras' first-batch peek,
-            # their read-ahead) drew before, so skip(n) replays it in a resumed process
-            data = ds
-            ds = tf.data.Dataset.range(1).flat_map(lambda _: data.shuffle(
-                shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat())
-        else:
-            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        ds = ds.enumerate()
+        ds = seeded_shuffle(ds, seed, shuffle_buffer, repeat).enumerate()
         rand_aug = keras.layers.RandAugment(value_range=(0, 255), seed=seed) if randaugment else None
 
         def augment(i, item):
@@ -186,4 +193,4 @@ def make_pipeline(ds, *, training, img_size, batch_size, num_classes, mean=(0.48
 
 
 __all__ = ["DatasetInfo", "load_dataset", "make_pipeline", "read_tfrecord", "scan_folder",
-           "shapes", "write_tfrecord"]
+           "seeded_shuffle", "shapes", "write_tfrecord"]

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from keras_vit.data import DatasetInfo, shapes
+from keras_vit.data import DatasetInfo, seeded_shuffle, shapes
 
 DEFAULT_MAX_BOXES = 16
 DEFAULT_SHAPES_SAMPLES = {"train": 2000, "validation": 500, "test": 500}
@@ -183,10 +183,8 @@ def make_detection_pipeline(ds, *, training, img_size, batch_size, mean=(0.485, 
         return image, {"classes": tf.cast(classes, tf.int32), "boxes": cxcywh}
 
     if training:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        if repeat:
-            ds = ds.repeat()
-        ds = ds.enumerate().map(augment, num_parallel_calls=tf.data.AUTOTUNE,
+        ds = seeded_shuffle(ds, seed, shuffle_buffer, repeat).enumerate()
+        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE,
                                 deterministic=True)
     elif repeat:
         ds = ds.repeat()

@@ -20,7 +20,7 @@ import os
 import numpy as np
 from absl import logging
 
-from keras_vit.data import DatasetInfo, shapes
+from keras_vit.data import DatasetInfo, seeded_shuffle, shapes
 from keras_vit.segmentation.losses import IGNORE_INDEX
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -213,10 +213,8 @@ def make_segmentation_pipeline(ds, *, training, img_size, batch_size, mean=(0.48
         return image, mask
 
     if training:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        if repeat:
-            ds = ds.repeat()
-        ds = ds.enumerate().map(augment, num_parallel_calls=tf.data.AUTOTUNE,
+        ds = seeded_shuffle(ds, seed, shuffle_buffer, repeat).enumerate()
+        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE,
                                 deterministic=True)
     else:
         ds = ds.map(lambda image, mask: resize_pair(image, mask, (size, size)),

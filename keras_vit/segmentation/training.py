@@ -32,7 +32,12 @@ def segmentation_pipelines(config, img_size, cfg):
         val_ds = None
     pipe = dict(img_size=img_size, batch_size=config.batch_size, mean=cfg["mean"],
                 std=cfg["std"], seed=config.seed)
-    train_pipe = make_segmentation_pipeline(train_ds, training=True, repeat=True, **pipe)
+    scale_range = tuple(float(v) for v in config.scale_range)
+    if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
+        raise ValueError(f"--scale_range must be two factors 0 < min <= max, got "
+                         f"{config.scale_range}")
+    train_pipe = make_segmentation_pipeline(train_ds, training=True, repeat=True,
+                                            scale_range=scale_range, **pipe)
     val_pipe = (make_segmentation_pipeline(val_ds, training=False, **pipe)
                 if val_ds is not None else None)
     return train_pipe, val_pipe, info, dict(pipe, num_classes=info.num_classes,

@@ -61,6 +61,7 @@ class TrainConfig:
     seed: int = 0
     strict_data: bool = False
     reduce_zero_label: bool = False  # segmentation folders: ADE20K's 0 = "other" -> ignored
+    scale_range: tuple = (0.5, 2.0)  # segmentation: random rescale factors (mmseg's)
 
 
 def validate(config):
