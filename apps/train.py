@@ -58,6 +58,9 @@ flags.DEFINE_integer("keep_checkpoints", 2, "Keep the newest N step checkpoints 
                      "newest one falls back to the one before).")
 flags.DEFINE_integer("seed", 0, "Random seed (data, init, augmentation).")
 flags.DEFINE_bool("strict_data", False, "Fail on unreadable images (and bad masks) instead of skipping them.")
+flags.DEFINE_bool("deterministic", True, "Deterministic ops: the same flags and seed give the "
+                  "same weights. Keras does not XLA-compile the steps then; "
+                  "--nodeterministic lets --jit_compile speed them up.")
 flags.DEFINE_list("scale_range", ["0.5", "2.0"], "Segmentation: random rescale factors min,max "
                   "(mmseg's 0.5,2.0; objects that must be seen whole want a narrower range).")
 flags.DEFINE_bool("reduce_zero_label", False, "Segmentation folders: mask id 0 is 'other' (ADE20K): ignored, ids shift down by one.")

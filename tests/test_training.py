@@ -215,3 +215,15 @@ def test_main_job_at_reduced_size(tmp_path):
     assert summary["model"] == "vit_c_1gf" and summary["steps"] == 4
     assert summary["tflite"]["relative_diff"] <= 1e-4
     assert os.path.exists(f"{run}/export/saved_model/saved_model.pb")
+
+
+def test_nodeterministic_compiles_the_steps_with_xla(tmp_path):
+    """Op determinism (the default) keeps Keras from XLA-compiling the steps, and says so;
+    --nodeterministic trades bit-identical reruns for XLA's speed."""
+    default = run_app("train.py", *TINY, "--epochs=1", "--train_samples=32",
+                      f"--model_dir={tmp_path}/default")
+    assert "XLA off" in default.stderr and "op determinism" in default.stderr
+    fast = run_app("train.py", *TINY, "--epochs=1", "--train_samples=32", "--nodeterministic",
+                   f"--model_dir={tmp_path}/fast")
+    assert "XLA off" not in fast.stderr
+    assert read(os.path.join(tmp_path, "fast", "summary.json"))["steps"] == 2

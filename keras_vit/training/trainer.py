@@ -61,6 +61,7 @@ class TrainConfig:
     seed: int = 0
     strict_data: bool = False
     reduce_zero_label: bool = False  # segmentation folders: ADE20K's 0 = "other" -> ignored
+    deterministic: bool = True  # op determinism: same flags, same weights; no XLA steps then
     scale_range: tuple = (0.5, 2.0)  # segmentation: random rescale factors (mmseg's)
 
 
@@ -213,7 +214,8 @@ def train(config, flags_text=None):
     task = _task(config)
     start = time.time()
     keras.utils.set_random_seed(config.seed)
-    _enable_op_determinism()
+    if config.deterministic:
+        _enable_op_determinism()
     strategy = get_strategy(config.strategy, config.tpu)
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
