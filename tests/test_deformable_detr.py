@@ -65,3 +65,86 @@ def test_full_size_parameter_counts(name):
     model = create_model_without_weights(name)
     assert model.input_shape[1:] == (800, 1344, 3)
     assert torch_parameter_count(model) == COUNTS[name]
+
+
+def _fixture_inputs(name):
+    ref = np.load(os.path.join(FIXTURES, f"{name}.npz"))
+    return [ref["x"].astype(np.float32), ref["pixel_mask"].astype(np.float32)], ref
+
+
+@pytest.mark.parametrize("naming", ["hf", "official"])
+def test_create_model_loads_either_naming_strictly(naming, tmp_path):
+    """create_model(pretrained=PATH) tells the namings apart by their keys; a stray key and
+    a missing one are both listed."""
+    from safetensors.numpy import load_file, save_file
+
+    name = f"deformable_detr_box_refine_{naming}_64x96"
+    entry = INDEX[name]
+    kwargs = {k: v for k, v in entry["kwargs"].items() if k not in ("with_box_refine",
+                                                                    "two_stage")}
+    path = os.path.join(FIXTURES, entry["weights"])
+    model = keras_vit.create_model("deformable_detr_resnet50_box_refine", pretrained=path,
+                                   **kwargs)
+    inputs, ref = _fixture_inputs(name)
+    np.testing.assert_allclose(np.asarray(model(inputs)["logits"]), ref["logits"], atol=1e-4)
+    state = load_file(path)
+    level_key = "model.level_embed" if naming == "hf" else "transformer.level_embed"
+    dropped = next(k for k in state if "linear2.bias" in k or "mlp.fc2.bias" in k)
+    del state[dropped]
+    state["transformer.encoder.layers.0.stray"] = state[level_key][0]
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match=r"missing keys:[\s\S]*linear2\.bias[\s\S]*"
+                                         r"unexpected keys:[\s\S]*layers\.0\.stray"):
+        keras_vit.create_model("deformable_detr_resnet50_box_refine",
+                               pretrained=str(tmp_path / "bad.safetensors"), **kwargs)
+
+
+def test_aux_outputs_are_the_earlier_decoder_layers():
+    """The plain model's heads are shared: its first decoder layer's auxiliary output is what
+    the same weights give through a one-layer decoder."""
+    name = "deformable_detr_plain_hf_64x96"
+    entry = INDEX[name]
+    state = keras_vit.load_checkpoint(os.path.join(FIXTURES, entry["weights"]))
+    two = deformable_detr(**dict(entry["kwargs"], aux_outputs=True))
+    keras_vit.load_timm_weights(two, state)
+    one = deformable_detr(**dict(entry["kwargs"], dec_layers=1))
+    keras_vit.load_timm_weights(one, {k: v for k, v in state.items()
+                                      if "decoder.layers.1." not in k}, strict=False)
+    inputs, ref = _fixture_inputs(name)
+    out, first = two(inputs), one(inputs)
+    assert tuple(out["aux_logits"].shape) == (2, 1, 5, 3)
+    np.testing.assert_allclose(np.asarray(out["logits"]), ref["logits"], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out["aux_logits"])[:, 0], np.asarray(first["logits"]),
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out["aux_pred_boxes"])[:, 0],
+                               np.asarray(first["pred_boxes"]), atol=1e-5)
+
+
+def test_two_stage_encoder_proposals_and_padding():
+    """Two-stage aux outputs: a proposal per encoder pixel; padded pixels' proposals are
+    +inf logits (sigmoid 1) as the reference's masked_fill, and the decoder's outputs stay
+    those of the fixture."""
+    name = "deformable_detr_two_stage_hf_64x96"
+    entry = INDEX[name]
+    model = deformable_detr(**dict(entry["kwargs"], aux_outputs=True))
+    keras_vit.load_timm_weights(model, keras_vit.load_checkpoint(
+        os.path.join(FIXTURES, entry["weights"])))
+    inputs, ref = _fixture_inputs(name)
+    out = model(inputs)
+    np.testing.assert_allclose(np.asarray(out["pred_boxes"]), ref["pred_boxes"], atol=1e-4)
+    seq = 8 * 12 + 4 * 6 + 2 * 3 + 1 * 2
+    assert tuple(out["enc_logits"].shape) == (2, seq, 3)
+    boxes = np.asarray(out["enc_pred_boxes"])
+    # Image 1 is padded from row 40 and column 56 on: C3 (stride 8) rows 5.. and cols 7.. .
+    c3 = boxes[1, :96].reshape(8, 12, 4)
+    assert (c3[5:, :] == 1).all() and (c3[:, 7:] == 1).all() and (c3[:5, :7] < 1).all()
+
+
+def test_tflite_with_pixel_mask(tmp_path):
+    from keras_vit.export import export_tflite
+
+    name = "deformable_detr_two_stage_hf_64x64"
+    model = _fixture_model(name)
+    inputs, _ = _fixture_inputs(name)
+    report = export_tflite(model, str(tmp_path / "ddetr.tflite"), representative_data=[inputs])
+    assert set(report["outputs"]) == {"logits", "pred_boxes"}
