@@ -278,8 +278,10 @@ def _backbone_model(backbone, backbone_args, depth, dilation, img_size, in_chans
                       name="backbone.0.body", **backbone_args)
     from keras_vit.registry import create_model
 
-    return create_model(backbone, img_size=img_size, in_chans=in_chans, features_only=True,
-                        out_indices=(-1,), name="backbone.0.body", **backbone_args)
+    body = create_model(backbone, img_size=img_size, in_chans=in_chans, features_only=True,
+                        out_indices=(-1,), **backbone_args)
+    # The same layers under the official module's name (a builder's name is its variant's).
+    return keras.Model(body.inputs, body.outputs, name="backbone.0.body")
 
 
 def detr(*, img_size=(800, 1344), in_chans=3, num_classes=91, num_queries=100,
