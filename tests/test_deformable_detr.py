@@ -148,3 +148,34 @@ def test_tflite_with_pixel_mask(tmp_path):
     inputs, _ = _fixture_inputs(name)
     report = export_tflite(model, str(tmp_path / "ddetr.tflite"), representative_data=[inputs])
     assert set(report["outputs"]) == {"logits", "pred_boxes"}
+
+
+def _hub_name(key):
+    """transformers 5's state_dict() name -> the name its save_pretrained writes."""
+    return (key.replace("model.backbone.model.", "model.backbone.conv_encoder.model.")
+            .replace(".mlp.fc", ".fc").replace(".self_attn.o_proj.", ".self_attn.out_proj."))
+
+
+@pytest.mark.parametrize("variant", ["plain", "box_refine", "two_stage"])
+def test_save_pretrained_naming_loads(variant):
+    """The hub files' naming (recorded from save_pretrained: tied heads written once, e.g.
+    box refinement's class_embed.0 only and its boxes under model.decoder) loads strictly and
+    gives the fixture's outputs."""
+    with open(os.path.join(FIXTURES, "save_pretrained_keys.json")) as f:
+        hub_keys = json.load(f)[variant]
+    name = f"deformable_detr_{variant}_hf_64x64"
+    entry = INDEX[name]
+    state = {_hub_name(k): v for k, v in keras_vit.load_checkpoint(
+        os.path.join(FIXTURES, entry["weights"])).items()}
+    assert set(hub_keys) <= set(state)
+    model = deformable_detr(**entry["kwargs"])
+    keras_vit.load_timm_weights(model, {k: state[k] for k in hub_keys})
+    inputs, ref = _fixture_inputs(name)
+    out = model(inputs)
+    np.testing.assert_allclose(np.asarray(out["logits"]), ref["logits"], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out["pred_boxes"]), ref["pred_boxes"], atol=1e-4)
+
+
+def test_transformers_counts_recorded():
+    with open(os.path.join(FIXTURES, "param_counts.json")) as f:
+        assert json.load(f) == HF_COUNTS
