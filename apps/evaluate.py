@@ -41,7 +41,7 @@ flags.DEFINE_string("output_dir", None, "Where metrics.json and confusion_matrix
                     "(default: the model_dir, or next to the .keras file).")
 flags.DEFINE_integer("seed", None, "Seed of the shapes data (default: the training run's "
                      "--seed, else 0).")
-flags.DEFINE_enum("task", None, ["classification", "segmentation"],
+flags.DEFINE_enum("task", None, ["classification", "segmentation", "detection"],
                   "Task (default: the run's preprocessing.json, else the model's).")
 flags.DEFINE_bool("reduce_zero_label", None, "Segmentation folders: ADE20K's 0 = 'other' "
                   "(default: the run's setting).")
@@ -143,6 +143,25 @@ def evaluate_segmentation(model, prep, data):
     print(f"metrics and samples in {out}")
 
 
+def evaluate_detection(model, prep, data):
+    """COCO AP, AP50, AP75, AP small/medium/large -> metrics.json; detection_samples.png."""
+    from keras_vit.detection.training import evaluate_dataset
+
+    out = F.output_dir or model_dir_of(F.model_path)
+    try:
+        metrics = evaluate_dataset(model, data["dataset"], F.split, img_size=data["img_size"],
+                                   mean=prep["mean"], std=prep["std"],
+                                   class_names=prep.get("class_names"), batch_size=F.batch_size,
+                                   num_samples=data["val_samples"], seed=data["seed"],
+                                   output_dir=out)
+    except ValueError as e:
+        fail(str(e))
+    print("  ".join(f"{name} " + ("n/a" if value is None else f"{100 * value:.1f}")
+                    for name, value in metrics.items() if name.startswith("AP")) +
+          f"  ({metrics['count']} images)")
+    print(f"metrics and samples in {out}")
+
+
 def main(argv):
     del argv
     from keras_vit.data import load_dataset, make_pipeline
@@ -153,8 +172,11 @@ def main(argv):
     img_size = data["img_size"]
     print(f"evaluating on {data['dataset']} ({F.split}, seed {data['seed']}, {img_size} px; "
           f"settings from {data['source']})")
-    if (F.task or prep.get("task") or _registry_task(model)) == "segmentation":
+    task = F.task or prep.get("task") or _registry_task(model)
+    if task == "segmentation":
         return evaluate_segmentation(model, prep, data)
+    if task == "detection":
+        return evaluate_detection(model, prep, data)
     try:
         ds, info = load_dataset(data["dataset"], F.split, img_size=img_size, seed=data["seed"],
                                 num_samples=data["val_samples"])

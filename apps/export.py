@@ -47,6 +47,14 @@ def validation_pipeline(model, dataset, img_size, seed, val_samples, prep):
     """(batched validation images with their labels or masks, DatasetInfo) for the task."""
     from keras_vit.registry import model_task
 
+    if model_task(model) == "detection":
+        from keras_vit.detection.data import load_detection_dataset, make_detection_pipeline
+
+        ds, info = load_detection_dataset(dataset, "validation", img_size=img_size, seed=seed,
+                                          num_samples=val_samples)
+        return make_detection_pipeline(
+            ds, training=False, img_size=img_size, batch_size=F.batch_size,
+            **{k: prep[k] for k in ("mean", "std") if k in prep}), info
     if model_task(model) == "segmentation":
         from keras_vit.segmentation.data import (load_segmentation_dataset,
                                                  make_segmentation_pipeline)
@@ -74,6 +82,16 @@ def main(argv):
     if bad:
         fail(f"--modes: unknown {bad}; choose from {list(MODES)}")
     model = load_model(F.model_path)
+    from keras_vit.registry import model_task
+
+    if model_task(model) == "detection":  # the exported graph ends in the post-processing
+        from keras_vit.detection.training import detection_inference_model, with_postprocessing
+
+        from keras_vit.registry import get_model_config, list_models
+
+        num_classes = read_preprocessing(F.model_path).get("num_classes") or (
+            get_model_config(model.name)["num_classes"] if model.name in list_models() else None)
+        model = with_postprocessing(detection_inference_model(model), num_classes)
     run = run_data_settings(F.model_path)
     dataset = F.dataset or run.get("dataset")
     if "int8" in F.modes and not dataset:

@@ -95,3 +95,76 @@ def evaluate_detection(model, pipe, num_classes, top_k=100):
                           ops.convert_to_numpy(found["scores"][i]),
                           ops.convert_to_numpy(found["classes"][i]), size)
     return evaluator.result()
+
+
+def plot_detections(images, found, path, class_names, score_threshold=0.3, targets=None):
+    """The images with their predicted boxes (score >= threshold, labelled) and, dashed, the
+    ground truth; one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = len(images)
+    fig, axes = plt.subplots(1, count, figsize=(3 * count, 3.2), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        ax.imshow(images[i])
+        ax.set_axis_off()
+        if targets is not None:
+            for (x0, y0, x1, y1), cls in zip(*targets[i]):
+                if cls >= 0:
+                    ax.add_patch(matplotlib.patches.Rectangle(
+                        (x0, y0), x1 - x0, y1 - y0, fill=False, ls="--", lw=1, color="white"))
+        for (x0, y0, x1, y1), score, cls in zip(found["boxes"][i], found["scores"][i],
+                                                found["classes"][i]):
+            if score < score_threshold:
+                continue
+            ax.add_patch(matplotlib.patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False,
+                                                      lw=1.5, color="yellow"))
+            name = class_names[cls] if cls < len(class_names) else str(cls)
+            ax.text(x0, y0, f"{name} {score:.2f}", fontsize=6, color="black",
+                    backgroundcolor="yellow")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def evaluate_dataset(model, spec, split, *, img_size, mean, std, class_names=None,
+                     batch_size=16, num_samples=None, seed=0, output_dir=None,
+                     samples_to_plot=4):
+    """``apps/evaluate.py --task=detection``: COCO AP, AP50, AP75, small/medium/large of
+    ``model`` on a split, and (with ``output_dir``) metrics.json plus detection_samples.png."""
+    import json
+    import os
+
+    from keras_vit.detection.data import load_detection_dataset, make_detection_pipeline
+
+    model = detection_inference_model(model)
+    ds, info = load_detection_dataset(spec, split, img_size=img_size, seed=seed,
+                                      num_samples=num_samples)
+    pipe = make_detection_pipeline(ds, training=False, img_size=img_size,
+                                   batch_size=batch_size, mean=mean, std=std, seed=seed)
+    num_classes = info.num_classes
+    metrics = evaluate_detection(model, pipe, num_classes)
+    names = list(class_names or info.class_names)
+    metrics.update(count=info.num_examples, class_names=names)
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+        images, targets = next(iter(pipe.unbatch().batch(samples_to_plot)))
+        size = tuple(images.shape[1:3])
+        found = postprocess(model(images, training=False), size,
+                            sigmoid=sigmoid_scores(model, num_classes))
+        found = {k: ops.convert_to_numpy(v) for k, v in found.items()}
+        pixels = np.clip(np.asarray(images) * np.asarray(std, np.float32) * 255
+                         + np.asarray(mean, np.float32) * 255, 0, 255).astype(np.uint8)
+        scale = np.array([size[1], size[0], size[1], size[0]], np.float32)
+        gt = np.asarray(targets["boxes"])
+        gt_xyxy = np.concatenate([gt[..., :2] - gt[..., 2:] / 2,
+                                  gt[..., :2] + gt[..., 2:] / 2], -1) * scale
+        metrics["samples_png"] = plot_detections(
+            pixels, found, os.path.join(output_dir, "detection_samples.png"), names,
+            targets=list(zip(gt_xyxy, np.asarray(targets["classes"]))))
+    return metrics
