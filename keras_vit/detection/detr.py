@@ -287,7 +287,7 @@ def _backbone_model(backbone, backbone_args, depth, dilation, img_size, in_chans
 def detr(*, img_size=(800, 1344), in_chans=3, num_classes=91, num_queries=100,
          backbone="resnet", depth=50, dilation=False, backbone_args=None, hidden_dim=256,
          num_heads=8, enc_layers=6, dec_layers=6, ffn_dim=2048, dropout=0.1,
-         aux_outputs=False, with_pixel_mask=False, name="detr"):
+         train_backbone=True, aux_outputs=False, with_pixel_mask=False, name="detr"):
     """Builds DETR as a functional model (see the module docstring).
 
     backbone: "resnet" (torchvision ResNet-``depth`` with frozen BatchNorm, layer4 dilated
@@ -295,6 +295,10 @@ def detr(*, img_size=(800, 1344), in_chans=3, num_classes=91, num_queries=100,
     ``features_only`` with ``backbone_args``. Outputs ``{"logits": (B, Q, num_classes + 1),
     "pred_boxes": (B, Q, 4)}`` and, with ``aux_outputs``, ``"aux_logits"`` /
     ``"aux_pred_boxes"`` (B, dec_layers - 1, Q, .) of the earlier decoder layers.
+    train_backbone: as the official ``backbone.py``, a ResNet's ``conv1`` and ``layer1`` are
+    never trained (not trainable) and layer2 .. layer4 are; False freezes the whole
+    backbone (the official's lr_backbone=0). Other backbones stay as their builder makes them
+    unless False.
     """
     for arg, value in (("num_classes", num_classes), ("num_queries", num_queries),
                        ("hidden_dim", hidden_dim), ("num_heads", num_heads),
@@ -311,6 +315,10 @@ def detr(*, img_size=(800, 1344), in_chans=3, num_classes=91, num_queries=100,
     elif dilation:
         raise ValueError("dilation (DC5) is for the ResNet backbone only")
     body = _backbone_model(backbone, backbone_args, depth, dilation, img_size, in_chans)
+    for layer in body.layers:
+        if not train_backbone or (backbone == "resnet" and not layer.name.startswith(
+                ("layer2", "layer3", "layer4"))):
+            layer.trainable = False
     h, w = body.input_shape[1:3]
 
     images = keras.Input((h, w, in_chans), name="images")
