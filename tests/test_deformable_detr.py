@@ -179,3 +179,18 @@ def test_save_pretrained_naming_loads(variant):
 def test_transformers_counts_recorded():
     with open(os.path.join(FIXTURES, "param_counts.json")) as f:
         assert json.load(f) == HF_COUNTS
+
+
+def test_initialisation_is_the_official():
+    """Class bias at prior 0.01, box heads' last Linear zero with bias (0, 0, -2, -2) on the
+    first/shared head, level embedding and queries N(0, 1)."""
+    kwargs = dict(INDEX["deformable_detr_box_refine_hf_64x64"]["kwargs"])
+    model = deformable_detr(**kwargs)
+    get = {layer.name: layer for layer in model.layers}
+    np.testing.assert_allclose(np.asarray(get["class_embed.1"].bias), -np.log(99), rtol=1e-6)
+    first, second = get["bbox_embed.0"].linears[-1], get["bbox_embed.1"].linears[-1]
+    assert not np.any(np.asarray(first.kernel)) and not np.any(np.asarray(second.kernel))
+    np.testing.assert_array_equal(np.asarray(first.bias), [0, 0, -2, -2])
+    np.testing.assert_array_equal(np.asarray(second.bias), [0, 0, 0, 0])
+    queries = np.asarray(get["query_embed"].weight)
+    assert queries.shape == (5, 64) and 0.7 < queries.std() < 1.3

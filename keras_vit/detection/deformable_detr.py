@@ -38,7 +38,8 @@ import numpy as np
 import keras
 from keras import ops
 
-from keras_vit.detection.detr import PositionalAttention
+from keras_vit.detection.detr import PositionalAttention, sine_divisors
+from keras_vit.detection.yolos import PredictionMLP
 from keras_vit.layers import MultiScaleDeformableAttention
 from keras_vit.models.common import check_img_size, check_in_chans
 from keras_vit.models.resnet import resnet
@@ -59,11 +60,6 @@ def nearest_indices(size_in, size_out):
     scale = np.float32(size_in) / np.float32(size_out)
     return np.minimum(np.floor(np.arange(size_out, dtype=np.float32) * scale).astype(np.int32),
                       size_in - 1)
-
-
-def sine_table_divisors(num_feats, temperature=10000):
-    dim_t = np.arange(num_feats, dtype=np.float32)
-    return (np.float32(temperature) ** (2 * (dim_t // 2) / np.float32(num_feats))).astype(np.float32)
 
 
 def interleave_sin_cos(x):
@@ -108,7 +104,7 @@ class LevelMasks(keras.layers.Layer):
         scale = 2 * math.pi
         y = (y - 0.5) / (y[:, -1:, :] + 1e-6) * scale
         x = (x - 0.5) / (x[:, :, -1:] + 1e-6) * scale
-        dim_t = sine_table_divisors(self.dim // 2, self.temperature)
+        dim_t = sine_divisors(self.dim // 2, self.temperature)
         pos_y = interleave_sin_cos(y[..., None] / dim_t)
         pos_x = interleave_sin_cos(x[..., None] / dim_t)
         return ops.concatenate([pos_y, pos_x], axis=-1)
@@ -171,9 +167,9 @@ def _norm(name):
     return keras.layers.LayerNormalization(epsilon=1e-5, name=name)
 
 
-@keras.saving.register_keras_serializable(package="keras_vit")
-class DeformableEncoderLayer(keras.layers.Layer):
-    """Post-norm: norm1(x + MSDeformAttn(x + pos)), norm2(x + linear2(relu(linear1(x))))."""
+class _DeformableLayer(keras.layers.Layer):
+    """What the encoder and decoder layers share: the configuration, the official FFN
+    (``linear1`` ReLU ``linear2``), dropouts, post-norm residuals."""
 
     def __init__(self, dim, ffn_dim, num_heads, num_points, spatial_shapes, dropout=0.1,
                  **kwargs):
@@ -181,25 +177,25 @@ class DeformableEncoderLayer(keras.layers.Layer):
         self.dim, self.ffn_dim, self.num_heads = int(dim), int(ffn_dim), int(num_heads)
         self.num_points, self.dropout = int(num_points), float(dropout)
         self.spatial_shapes = tuple(tuple(int(v) for v in s) for s in spatial_shapes)
-        self.self_attn = MultiScaleDeformableAttention(dim, spatial_shapes, num_heads, num_points,
-                                                       name="self_attn")
-        self.norm1, self.norm2 = _norm("norm1"), _norm("norm2")
         self.linear1 = _linear(ffn_dim, "linear1", activation="relu")
         self.linear2 = _linear(dim, "linear2")
-        self.drops = [keras.layers.Dropout(self.dropout) for _ in range(3)]
+        self.drops = [keras.layers.Dropout(self.dropout) for _ in range(4)]
 
-    def build(self, x_shape, pos_shape=None, reference_points_shape=None,
-              value_mask_shape=None):
-        self.self_attn.build(x_shape, None, x_shape)
-        for layer in (self.norm1, self.norm2, self.linear1):
+    def deformable_attention(self, name):
+        return MultiScaleDeformableAttention(self.dim, self.spatial_shapes, self.num_heads,
+                                             self.num_points, name=name)
+
+    def build_ffn(self, x_shape, norms):
+        for layer in (*norms, self.linear1):
             layer.build(x_shape)
         self.linear2.build(tuple(x_shape[:-1]) + (self.ffn_dim,))
 
-    def call(self, x, pos, reference_points, value_mask, training=None):
-        attn = self.self_attn(x + pos, reference_points, x, value_mask)
-        x = self.norm1(x + self.drops[0](attn, training=training))
-        y = self.linear2(self.drops[1](self.linear1(x), training=training))
-        return self.norm2(x + self.drops[2](y, training=training))
+    def residual(self, norm, x, y, drop, training):
+        return norm(x + self.drops[drop](y, training=training))
+
+    def ffn(self, x, norm, training):
+        y = self.linear2(self.drops[2](self.linear1(x), training=training))
+        return self.residual(norm, x, y, 3, training)
 
     def compute_output_shape(self, x_shape, *args, **kwargs):
         return x_shape
@@ -211,87 +207,66 @@ class DeformableEncoderLayer(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
-class DeformableDecoderLayer(keras.layers.Layer):
+class DeformableEncoderLayer(_DeformableLayer):
+    """Post-norm: norm1(x + MSDeformAttn(x + pos)), norm2(x + linear2(relu(linear1(x))))."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.self_attn = self.deformable_attention("self_attn")
+        self.norm1, self.norm2 = _norm("norm1"), _norm("norm2")
+
+    def build(self, x_shape, pos_shape=None, reference_points_shape=None,
+              value_mask_shape=None):
+        self.self_attn.build(x_shape, None, x_shape)
+        self.build_ffn(x_shape, (self.norm1, self.norm2))
+
+    def call(self, x, pos, reference_points, value_mask, training=None):
+        attn = self.self_attn(x + pos, reference_points, x, value_mask)
+        return self.ffn(self.residual(self.norm1, x, attn, 0, training), self.norm2, training)
+
+
+@keras.saving.register_keras_serializable(package="keras_vit")
+class DeformableDecoderLayer(_DeformableLayer):
     """tgt = norm2(tgt + self_attn(q=k=tgt+pos, v=tgt)); tgt = norm1(tgt + cross_attn(tgt + pos
     around the reference points scaled by the valid ratios)); tgt = norm3(tgt + FFN(tgt))."""
 
-    def __init__(self, dim, ffn_dim, num_heads, num_points, spatial_shapes, dropout=0.1,
-                 **kwargs):
-        super().__init__(**kwargs)
-        self.dim, self.ffn_dim, self.num_heads = int(dim), int(ffn_dim), int(num_heads)
-        self.num_points, self.dropout = int(num_points), float(dropout)
-        self.spatial_shapes = tuple(tuple(int(v) for v in s) for s in spatial_shapes)
-        self.cross_attn = MultiScaleDeformableAttention(dim, spatial_shapes, num_heads,
-                                                        num_points, name="cross_attn")
-        self.self_attn = PositionalAttention(dim, num_heads, name="self_attn")  # DETR's
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cross_attn = self.deformable_attention("cross_attn")
+        self.self_attn = PositionalAttention(self.dim, self.num_heads, name="self_attn")  # DETR's
         self.norm1, self.norm2, self.norm3 = _norm("norm1"), _norm("norm2"), _norm("norm3")
-        self.linear1 = _linear(ffn_dim, "linear1", activation="relu")
-        self.linear2 = _linear(dim, "linear2")
-        self.drops = [keras.layers.Dropout(self.dropout) for _ in range(4)]
 
     def build(self, x_shape, pos_shape=None, reference_points_shape=None,
               valid_ratios_shape=None, memory_shape=None, value_mask_shape=None):
         self.self_attn.build(x_shape)
         self.cross_attn.build(x_shape, None, memory_shape or x_shape)
-        for layer in (self.norm1, self.norm2, self.norm3, self.linear1):
-            layer.build(x_shape)
-        self.linear2.build(tuple(x_shape[:-1]) + (self.ffn_dim,))
+        self.build_ffn(x_shape, (self.norm1, self.norm2, self.norm3))
 
     def call(self, x, pos, reference_points, valid_ratios, memory, value_mask, training=None):
         ratios = valid_ratios if reference_points.shape[-1] == 2 else ops.concatenate(
             [valid_ratios, valid_ratios], axis=-1)
         ref = reference_points[:, :, None] * ratios[:, None]
-        x = self.norm2(x + self.drops[0](self.self_attn(x, query_pos=pos, training=training),
-                                         training=training))
+        x = self.residual(self.norm2, x, self.self_attn(x, query_pos=pos, training=training), 0,
+                          training)
         attn = self.cross_attn(x + pos, ref, memory, value_mask)
-        x = self.norm1(x + self.drops[1](attn, training=training))
-        y = self.linear2(self.drops[2](self.linear1(x), training=training))
-        return self.norm3(x + self.drops[3](y, training=training))
-
-    def compute_output_shape(self, x_shape, *args, **kwargs):
-        return x_shape
-
-    def get_config(self):
-        return {**super().get_config(), "dim": self.dim, "ffn_dim": self.ffn_dim,
-                "num_heads": self.num_heads, "num_points": self.num_points,
-                "spatial_shapes": self.spatial_shapes, "dropout": self.dropout}
+        return self.ffn(self.residual(self.norm1, x, attn, 1, training), self.norm3, training)
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
-class BoxMLP(keras.layers.Layer):
-    """DETR's ``MLP``: Linear layers ``layers.0`` .. ``layers.{n-1}``, ReLU between."""
+class BoxMLP(PredictionMLP):
+    """DETR's box ``MLP`` with the official initialisation of its last Linear: zero weights,
+    bias ``last_bias`` ((0, 0, -2, -2) for the first / shared head, zeros otherwise)."""
 
     def __init__(self, hidden_dim, output_dim=4, num_layers=3, last_bias=None, **kwargs):
-        super().__init__(**kwargs)
-        self.hidden_dim, self.output_dim = int(hidden_dim), int(output_dim)
-        self.num_layers = int(num_layers)
+        super().__init__(hidden_dim, output_dim, num_layers, **kwargs)
         self.last_bias = None if last_bias is None else [float(v) for v in last_bias]
-        self.dense_layers = [
-            _linear(self.hidden_dim, f"layers.{i}", activation="relu")
-            for i in range(self.num_layers - 1)]
-        # The official zero-initialises the last layer (its bias (0, 0, -2, -2) but two-stage).
-        last_init = (keras.initializers.Constant(self.last_bias) if self.last_bias is not None
-                     else "zeros")
-        self.dense_layers.append(_linear(self.output_dim, f"layers.{self.num_layers - 1}",
-                                         kernel_initializer="zeros", bias_initializer=last_init))
-
-    def build(self, x_shape):
-        for layer in self.dense_layers:
-            layer.build(x_shape)
-            x_shape = tuple(x_shape[:-1]) + (layer.units,)
-
-    def call(self, x):
-        for layer in self.dense_layers:
-            x = layer(x)
-        return x
-
-    def compute_output_shape(self, x_shape):
-        return tuple(x_shape[:-1]) + (self.output_dim,)
+        self.linears[-1].kernel_initializer = keras.initializers.Zeros()
+        self.linears[-1].bias_initializer = (
+            keras.initializers.Constant(self.last_bias) if self.last_bias is not None
+            else keras.initializers.Zeros())
 
     def get_config(self):
-        return {**super().get_config(), "hidden_dim": self.hidden_dim,
-                "output_dim": self.output_dim, "num_layers": self.num_layers,
-                "last_bias": self.last_bias}
+        return {**super().get_config(), "last_bias": self.last_bias}
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
@@ -397,7 +372,7 @@ class TopKProposals(keras.layers.Layer):
         rows = idx + ops.arange(ops.shape(idx)[0], dtype=idx.dtype)[:, None] * seq
         boxes = ops.take(ops.reshape(box_logits, (-1, 4)), ops.reshape(rows, (-1,)), axis=0)
         boxes = ops.stop_gradient(ops.reshape(boxes, (-1, self.k, 4)))
-        dim_t = sine_table_divisors(self.dim // 2)
+        dim_t = sine_divisors(self.dim // 2, 10000)
         pos = (ops.sigmoid(boxes) * (2 * math.pi))[..., None] / dim_t  # (B, k, 4, dim/2)
         pos = ops.reshape(interleave_sin_cos(pos), (-1, self.k, 4 * (self.dim // 2)))
         return boxes, pos
