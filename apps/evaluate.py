@@ -121,6 +121,18 @@ def _registry_task(model):
     return model_task(model)
 
 
+def _run(evaluate_dataset, model, prep, data, out, **extra):
+    """A dense task's evaluate_dataset on the run's data settings; a bad one fails clearly."""
+    try:
+        return evaluate_dataset(model, data["dataset"], F.split, img_size=data["img_size"],
+                                mean=prep["mean"], std=prep["std"],
+                                class_names=prep.get("class_names"), batch_size=F.batch_size,
+                                num_samples=data["val_samples"], seed=data["seed"],
+                                output_dir=out, **extra)
+    except ValueError as e:
+        fail(str(e))
+
+
 def evaluate_segmentation(model, prep, data):
     """mIoU, per-class IoU, pixel accuracy -> metrics.json; segmentation_samples.png."""
     from keras_vit.segmentation.training import evaluate_dataset
@@ -128,14 +140,7 @@ def evaluate_segmentation(model, prep, data):
     reduce_zero_label = (F.reduce_zero_label if F.reduce_zero_label is not None
                          else prep.get("reduce_zero_label", False))
     out = F.output_dir or model_dir_of(F.model_path)
-    try:
-        metrics = evaluate_dataset(model, data["dataset"], F.split, img_size=data["img_size"],
-                                   mean=prep["mean"], std=prep["std"],
-                                   class_names=prep.get("class_names"), batch_size=F.batch_size,
-                                   num_samples=data["val_samples"], seed=data["seed"],
-                                   reduce_zero_label=reduce_zero_label, output_dir=out)
-    except ValueError as e:
-        fail(str(e))
+    metrics = _run(evaluate_dataset, model, prep, data, out, reduce_zero_label=reduce_zero_label)
     print(f"mIoU {100 * metrics['mIoU']:.2f}%  pixel accuracy "
           f"{100 * metrics['pixel_accuracy']:.2f}%  ({metrics['count']} images)")
     for name, iou in zip(metrics["class_names"], metrics["per_class_iou"]):
@@ -148,14 +153,7 @@ def evaluate_detection(model, prep, data):
     from keras_vit.detection.training import evaluate_dataset
 
     out = F.output_dir or model_dir_of(F.model_path)
-    try:
-        metrics = evaluate_dataset(model, data["dataset"], F.split, img_size=data["img_size"],
-                                   mean=prep["mean"], std=prep["std"],
-                                   class_names=prep.get("class_names"), batch_size=F.batch_size,
-                                   num_samples=data["val_samples"], seed=data["seed"],
-                                   output_dir=out)
-    except ValueError as e:
-        fail(str(e))
+    metrics = _run(evaluate_dataset, model, prep, data, out)
     print("  ".join(f"{name} " + ("n/a" if value is None else f"{100 * value:.1f}")
                     for name, value in metrics.items() if name.startswith("AP")) +
           f"  ({metrics['count']} images)")

@@ -105,6 +105,28 @@ def _random_resized_crop(image, img_size, scale, method, seed):
                            antialias=True)
 
 
+def write_evaluation(metrics, info, class_names, output_dir, pipe, samples):
+    """Completes ``metrics`` with the image count and class names, writes metrics.json to
+    ``output_dir`` (if any) and returns a batch of ``samples`` examples of ``pipe`` to draw
+    (None without output_dir): what every task's evaluation writes."""
+    import json
+
+    metrics.update(count=info.num_examples, class_names=list(class_names or info.class_names))
+    if not output_dir:
+        return None
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    return next(iter(pipe.unbatch().batch(samples)))
+
+
+def denormalise(images, mean, std):
+    """Normalised float images back to uint8 pixels, for pictures."""
+    pixels = np.asarray(images) * np.asarray(std, np.float32) * 255 + np.asarray(
+        mean, np.float32) * 255
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
 def seeded_shuffle(ds, seed, shuffle_buffer, repeat):
     """The training order: shuffled with the seed, each pass reshuffled, repeated if asked.
 
@@ -193,4 +215,4 @@ def make_pipeline(ds, *, training, img_size, batch_size, num_classes, mean=(0.48
 
 
 __all__ = ["DatasetInfo", "load_dataset", "make_pipeline", "read_tfrecord", "scan_folder",
-           "seeded_shuffle", "shapes", "write_tfrecord"]
+           "seeded_shuffle", "shapes", "write_tfrecord", "denormalise", "write_evaluation"]

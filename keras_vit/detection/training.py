@@ -135,9 +135,9 @@ def evaluate_dataset(model, spec, split, *, img_size, mean, std, class_names=Non
                      samples_to_plot=4):
     """``apps/evaluate.py --task=detection``: COCO AP, AP50, AP75, small/medium/large of
     ``model`` on a split, and (with ``output_dir``) metrics.json plus detection_samples.png."""
-    import json
     import os
 
+    from keras_vit.data import denormalise, write_evaluation
     from keras_vit.detection.data import load_detection_dataset, make_detection_pipeline
 
     model = detection_inference_model(model)
@@ -147,24 +147,19 @@ def evaluate_dataset(model, spec, split, *, img_size, mean, std, class_names=Non
                                    batch_size=batch_size, mean=mean, std=std, seed=seed)
     num_classes = info.num_classes
     metrics = evaluate_detection(model, pipe, num_classes)
-    names = list(class_names or info.class_names)
-    metrics.update(count=info.num_examples, class_names=names)
-    if output_dir:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=1)
-        images, targets = next(iter(pipe.unbatch().batch(samples_to_plot)))
+    sample = write_evaluation(metrics, info, class_names, output_dir, pipe, samples_to_plot)
+    if sample is not None:
+        images, targets = sample
         size = tuple(images.shape[1:3])
         found = postprocess(model(images, training=False), size,
                             sigmoid=sigmoid_scores(model, num_classes))
         found = {k: ops.convert_to_numpy(v) for k, v in found.items()}
-        pixels = np.clip(np.asarray(images) * np.asarray(std, np.float32) * 255
-                         + np.asarray(mean, np.float32) * 255, 0, 255).astype(np.uint8)
         scale = np.array([size[1], size[0], size[1], size[0]], np.float32)
         gt = np.asarray(targets["boxes"])
         gt_xyxy = np.concatenate([gt[..., :2] - gt[..., 2:] / 2,
                                   gt[..., :2] + gt[..., 2:] / 2], -1) * scale
         metrics["samples_png"] = plot_detections(
-            pixels, found, os.path.join(output_dir, "detection_samples.png"), names,
+            denormalise(images, mean, std), found,
+            os.path.join(output_dir, "detection_samples.png"), metrics["class_names"],
             targets=list(zip(gt_xyxy, np.asarray(targets["classes"]))))
     return metrics

@@ -10,7 +10,6 @@ models output logits NHWC at the resolution their reference does (SegFormer: H/4
 import importlib
 import pkgutil
 
-import keras
 from keras import ops
 
 from keras_vit.segmentation.losses import SegmentationCrossEntropy, resize_logits

@@ -80,9 +80,9 @@ def evaluate_dataset(model, spec, split, *, img_size, mean, std, class_names=Non
     """``apps/evaluate.py --task=segmentation``: mIoU, per-class IoU and pixel accuracy of
     ``model`` on a split, and (with ``output_dir``) metrics.json plus segmentation_samples.png
     (image / ground truth / prediction of the first ``samples_to_plot`` images)."""
-    import json
     import os
 
+    from keras_vit.data import denormalise, write_evaluation
     from keras_vit.segmentation.data import load_segmentation_dataset, make_segmentation_pipeline
     from keras_vit.segmentation.plots import plot_segmentation_samples
 
@@ -93,19 +93,12 @@ def evaluate_dataset(model, spec, split, *, img_size, mean, std, class_names=Non
     pipe = make_segmentation_pipeline(ds, training=False, img_size=img_size,
                                       batch_size=batch_size, mean=mean, std=std, seed=seed)
     metrics = evaluate_segmentation(model, pipe, num_classes)
-    names = list(class_names or info.class_names)
-    metrics.update(count=info.num_examples, class_names=names)
-    if output_dir:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=1)
-        images, masks = next(iter(pipe.unbatch().batch(samples_to_plot)))
+    sample = write_evaluation(metrics, info, class_names, output_dir, pipe, samples_to_plot)
+    if sample is not None:
+        images, masks = sample
         logits = model(images, training=False)
         predicted = ops.argmax(resize_logits(logits, tuple(masks.shape[1:3])), axis=-1)
-        pixels = np.asarray(images) * np.asarray(std, np.float32) * 255 + np.asarray(
-            mean, np.float32) * 255
         metrics["samples_png"] = plot_segmentation_samples(
-            np.clip(pixels, 0, 255).astype(np.uint8), np.asarray(masks),
-            ops.convert_to_numpy(predicted), os.path.join(output_dir, "segmentation_samples.png"),
-            names)
+            denormalise(images, mean, std), np.asarray(masks), ops.convert_to_numpy(predicted),
+            os.path.join(output_dir, "segmentation_samples.png"), metrics["class_names"])
     return metrics

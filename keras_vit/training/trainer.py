@@ -3,7 +3,6 @@ resume at the exact step, NaN stop, logs, curves, export."""
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
