@@ -11,6 +11,9 @@ _NOISE = ("Could not find cuda drivers", "failed call to cuInit", "oneDNN custom
           "All log messages before absl::InitializeLog", "cpu_feature_guard",
           "To enable the following instructions", "Unable to register cu",
           "computation placer already registered", "TF-TRT Warning")
+# Lines TensorFlow's C++ runtime logs at ERROR level during a run that report nothing wrong:
+# tf.data's graph rewrite under op determinism names an attribute its op registry lacks.
+_RUN_NOISE = ("NodeDef mentions attribute use_unbounded_threadpool",)
 VERBOSE_ENV = "KERAS_VIT_VERBOSE"
 
 
@@ -65,6 +68,35 @@ def prepare_environment(argv=None):
     if verbose_requested(argv):
         return
     _import_tensorflow_quietly()
+    _filter_run_stderr()
+
+
+def _filter_run_stderr():
+    """Routes the rest of the run's stderr (fd 2: Python's and TensorFlow's C++ logs) through
+    a small child process that drops the _RUN_NOISE lines and passes every other line on.
+    A child, not a thread, so that nothing is lost when the app exits or is killed: it reads
+    to the end of the pipe after the app is gone."""
+    import subprocess
+    import sys
+
+    sys.stderr.flush()
+    code = ("import sys\n"
+            f"noise = {_RUN_NOISE!r}\n"
+            "for line in sys.stdin.buffer:\n"
+            "    if not any(n.encode() in line for n in noise):\n"
+            "        sys.stdout.buffer.write(line)\n"
+            "        sys.stdout.buffer.flush()\n")
+    read_end, write_end = os.pipe()
+    try:
+        subprocess.Popen([sys.executable, "-c", code], stdin=read_end, stdout=2, close_fds=True,
+                         start_new_session=True)  # outlives a SIGTERM/SIGKILL of the app's group
+    except OSError:
+        os.close(read_end)
+        os.close(write_end)
+        return  # no filter: the lines pass unfiltered
+    os.close(read_end)
+    os.dup2(write_end, 2)
+    os.close(write_end)
 
 
 def _import_tensorflow_quietly():

@@ -19,7 +19,8 @@ TINY = ["--model=vit_tiny_patch16_224", '--model_args={"patch_size": 8, "depth":
 # What TensorFlow printed at start-up before the apps quietened it, and other noise.
 NOISE = ("cuInit", "Could not find cuda drivers", "oneDNN custom operations",
          "All log messages before absl::InitializeLog", "cpu_feature_guard",
-         "fully_quantize", "inference_type", "`shuffle=True` was passed")
+         "fully_quantize", "inference_type", "`shuffle=True` was passed",
+         "use_unbounded_threadpool")  # tf.data's C++ error line of a deterministic run
 
 
 def user_env(**extra):
