@@ -46,7 +46,7 @@ def test_app_end_to_end_without_timm(tmp_path):
 def test_app_rejects_bad_flags():
     proc = _run_app("--model=vit_not_a_model", "--modes=tf_function", "--timm=off")
     assert proc.returncode != 0
-    assert "Unknown model 'vit_not_a_model'" in proc.stderr
+    assert "--model 'vit_not_a_model'" in proc.stderr and "closest: vit_" in proc.stderr
     assert "Traceback" not in proc.stderr
     proc = _run_app("--modes=xla,warp_drive", "--timm=off")  # before TensorFlow loads
     assert proc.returncode != 0 and "warp_drive" in proc.stderr and "tflite_int8" in proc.stderr
