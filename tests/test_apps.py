@@ -4,13 +4,14 @@ closest names for an unknown model, and a run's model.keras loading after `impor
 
 import glob
 import importlib.util
-import json
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+from test_training import checkpoint_arrays, read
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model=vit_tiny_patch16_224", '--model_args={"patch_size": 8, "depth": 1, '
@@ -42,21 +43,6 @@ def run(args, env=None, check=True, cwd=ROOT):
 
 def app(name):
     return os.path.join(ROOT, "apps", name)
-
-
-def read(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def checkpoint_arrays(path):
-    import h5py
-
-    values = {}
-    with h5py.File(path) as f:
-        f.visititems(lambda n, o: values.__setitem__(n, np.asarray(o))
-                     if hasattr(o, "shape") else None)
-    return values
 
 
 @pytest.fixture(scope="module")
