@@ -124,12 +124,14 @@ def main(argv):
         r = export_tflite(model, path, quantization=MODES[mode], representative_data=data,
                           batch_size=F.tflite_batch_size)
         rows.append((mode, r))
-    pixels = any(r.get("pixel_agreement") is not None for _, r in rows)
-    print("\n| mode | file | size (MB) | max abs diff | rel. diff | "
-          f"{'per-pixel' if pixels else 'top-1'} agreement |")
+    kind = next((k for k in ("pixel_agreement", "detection_agreement")
+                 if any(r.get(k) is not None for _, r in rows)), "top1_agreement")
+    label = {"pixel_agreement": "per-pixel", "detection_agreement": "detection",
+             "top1_agreement": "top-1"}[kind]
+    print(f"\n| mode | file | size (MB) | max abs diff | rel. diff | {label} agreement |")
     print("|---|---|---|---|---|---|")
     for mode, r in rows:
-        agreement = r.get("pixel_agreement") if pixels else r["top1_agreement"]
+        agreement = r.get(kind)
         top1 = "-" if agreement is None else f"{100 * agreement:.1f}%"
         print(f"| {mode} | {r['path']} | {r['size_bytes'] / 1e6:.2f} | {r['max_abs_diff']:.2e} | "
               f"{r['relative_diff']:.2e} | {top1} |")

@@ -39,6 +39,8 @@ flags.DEFINE_float("weight_decay", 0.05, "Decoupled weight decay.")
 flags.DEFINE_float("warmup_epochs", 0.0, "Linear warmup length in epochs.")
 flags.DEFINE_enum("schedule", None, ["cosine", "constant", "poly"],
                   "Schedule after warmup (default: cosine; segmentation: poly, power 1).")
+flags.DEFINE_float("clip_norm", None, "Clip the gradients' global norm (0: off; default: "
+                   "the task's, 0.1 for detection as DETR and Deformable DETR, else off).")
 flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing.")
 flags.DEFINE_bool("randaugment", False, "RandAugment (Keras core layer) on training images.")
 flags.DEFINE_float("mixup", 0.0, "MixUp alpha (0: off).")
@@ -130,7 +132,9 @@ def print_summary(s):
                      + (f"top-1 agreement with Keras {100 * r['top1_agreement']:.1f}%, "
                         if r.get("top1_agreement") is not None else
                         f"per-pixel agreement with Keras {100 * r['pixel_agreement']:.1f}%, "
-                        if r.get("pixel_agreement") is not None else "") +
+                        if r.get("pixel_agreement") is not None else
+                        f"detections reproduced {100 * r['detection_agreement']:.1f}%, "
+                        if r.get("detection_agreement") is not None else "") +
                      f"max abs diff {r['max_abs_diff']:.2e}")
     print("\n== summary ==\n" + "\n".join(lines), flush=True)
     logging.info("summary: %s", s)

@@ -198,3 +198,45 @@ def test_initialisation_is_the_official():
     np.testing.assert_array_equal(np.asarray(second.bias), [0, 0, 0, 0])
     queries = np.asarray(get["query_embed"].weight)
     assert queries.shape == (5, 64) and 0.7 < queries.std() < 1.3
+
+
+def test_inverse_sigmoid_runs_in_an_int8_file(tmp_path):
+    """Box refinement's inverse sigmoid is log(x1) - log(x2), not the official log(x1 / x2):
+    in an int8 file the clipped 1 - x quantized to zero and the int8 DIV aborted LiteRT.
+    The same values in float, and an int8 file that runs on boxes touching 1."""
+    from keras_vit.detection.deformable_detr import inverse_sigmoid
+    from keras_vit.export import export_tflite
+
+    x = np.array([0.0, 1e-6, 0.2, 0.5, 0.9, 1.0 - 1e-6, 1.0], np.float32)
+    clipped = np.clip(x, 1e-5, None), np.clip(1.0 - x, 1e-5, None)
+    np.testing.assert_allclose(np.asarray(inverse_sigmoid(x)),
+                               np.log(clipped[0] / clipped[1]), rtol=1e-6, atol=1e-6)
+    inputs = keras.Input((8,))
+    boxes = keras.layers.Activation("sigmoid")(keras.layers.Dense(8)(inputs))
+    model = keras.Model(inputs, keras.layers.Lambda(inverse_sigmoid)(boxes))
+    data = 6.0 * np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    report = export_tflite(model, str(tmp_path / "inv.tflite"), "int8", representative_data=data,
+                           verify=False)
+    from ai_edge_litert.interpreter import Interpreter
+
+    from keras_vit.export.tflite import verify_tflite
+
+    ops_used = {op["op_name"] for op in Interpreter(report["path"])._get_ops_details()}
+    assert "LOG" in ops_used and "DIV" not in ops_used  # the official form makes an int8 DIV
+    assert np.isfinite(verify_tflite(report["path"], model, data[:8])["max_abs_diff"])
+
+
+def test_trainable_batch_norm_for_training_from_scratch():
+    """frozen_batch_norm=False: the backbone's BatchNorm trains (batch statistics in training,
+    gamma/beta trainable), as a from-scratch run needs; the default stays the official
+    FrozenBatchNorm2d."""
+    kwargs = dict(img_size=64, backbone_layers=(1, 1, 1, 1), backbone_widths=(4, 8, 8, 16),
+                  embed_dim=32, num_heads=2, enc_layers=1, dec_layers=1, num_queries=5,
+                  num_classes=3, ffn_dim=32)
+    frozen = deformable_detr(**kwargs)
+    trainable = deformable_detr(**kwargs, frozen_batch_norm=False)
+    assert any(isinstance(l, FrozenBatchNorm) for l in frozen._flatten_layers())
+    norms = [l for l in trainable._flatten_layers()
+             if isinstance(l, keras.layers.BatchNormalization)]
+    assert norms and not any(isinstance(l, FrozenBatchNorm) for l in trainable._flatten_layers())
+    assert all(l.gamma.trainable and l.beta.trainable for l in norms)

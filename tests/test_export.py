@@ -279,3 +279,65 @@ def test_a_failed_conversion_reports_the_converters_output(tmp_path, monkeypatch
     monkeypatch.setattr(tf.lite.TFLiteConverter, "convert", failing_convert)
     with pytest.raises(TFLiteExportError, match=r"(?s)converter failed.*native converter line"):
         export_tflite(model, os.path.join(tmp_path, "x.tflite"))
+
+
+def postprocessed_toy_detector(seed=0):
+    """16 queries (4x4 patches of a 32 px image) with softmax scores over 4 classes +
+    no-object and sigmoid boxes, followed by DETR's post-processing: the outputs a detection
+    export has (scores, classes, xyxy pixel boxes), confident enough to quantize."""
+    from keras_vit.detection.postprocess import postprocess
+
+    keras.utils.set_random_seed(seed)
+    image = keras.Input((32, 32, 3), name="images")
+    tokens = keras.layers.Reshape((16, 24))(keras.layers.Conv2D(24, 8, strides=8)(image))
+    logits = keras.layers.Rescaling(4.0)(keras.layers.Dense(5)(tokens))
+    boxes = keras.layers.Dense(4, activation="sigmoid")(tokens)
+    found = postprocess({"logits": logits, "pred_boxes": boxes}, (32, 32), top_k=8)
+    return keras.Model(image, found)
+
+
+def test_detection_agreement_matches_by_content_not_rank():
+    from keras_vit.export.tflite import detection_agreement
+
+    ref = dict(scores=np.array([[0.9, 0.5, 0.5, 0.1]]), classes=np.array([[1, 2, 3, 0]]),
+               boxes=np.array([[[0, 0, 10, 10], [5, 5, 9, 9], [1, 1, 2, 2], [0, 0, 1, 1]]],
+                              np.float32))
+    swapped = {k: v[:, [0, 2, 1, 3]] for k, v in ref.items()}  # a tie listed the other way
+    assert detection_agreement(ref, swapped, (64, 64)) == 1.0
+    moved = dict(ref, boxes=ref["boxes"] + np.array([0, 0, 0.2, 0], np.float32))  # 0.3% of 64
+    assert detection_agreement(ref, moved, (64, 64)) == 0.0  # the cut's 0.1 not checked
+    assert detection_agreement(ref, moved, (64, 64), "int8") == 1.0  # a few pixels: fine
+    relabelled = dict(ref, classes=np.array([[1, 2, 0, 0]]))
+    assert detection_agreement(ref, relabelled, (64, 64)) == 2 / 3
+    assert detection_agreement(ref, relabelled, (64, 64), "int8") == 2 / 3  # scores >= 0.3
+    unsure = dict(ref, scores=np.full((1, 4), 0.2))
+    assert detection_agreement(unsure, unsure, (64, 64)) is None  # all tied
+    assert detection_agreement(unsure, unsure, (64, 64), "int8") is None  # none confident
+
+
+def test_postprocessed_detector_exports_verified_in_every_mode(tmp_path):
+    """fp32, dynamic and int8 files of a detector with its post-processing: judged by the
+    detections they reproduce (same class, box within 1e-3 of the image size in fp32, 5% when
+    quantized), and a file that loses them is refused and not written."""
+    model = postprocessed_toy_detector()
+    data = images(32, 32, seed=3)
+    reports = {}
+    for mode in ("none", "dynamic", "int8"):
+        reports[mode] = export_tflite(model, os.path.join(tmp_path, f"{mode}.tflite"), mode,
+                                      representative_data=data)
+        assert set(reports[mode]["outputs"]) == {"boxes", "classes", "scores"}
+    assert reports["none"]["detection_agreement"] == 1.0
+    assert reports["none"]["outputs"]["boxes"]["max_abs_diff"] <= 1e-3 * 32
+    assert reports["dynamic"]["detection_agreement"] >= 0.9
+    assert reports["int8"]["detection_agreement"] >= 0.9
+    # A file whose class head differs (scaled weights) loses detections: refused.
+    wrong = postprocessed_toy_detector()
+    weights = model.get_weights()
+    wrong.set_weights([w * 1.5 if w.shape == (24, 5) else w for w in weights])
+    path = os.path.join(tmp_path, "wrong.tflite")
+    real_convert = tflite_module.convert
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tflite_module, "convert", lambda m, *a: real_convert(wrong, *a))
+        with pytest.raises(TFLiteExportError, match=r"reproduces .*% of Keras' detections"):
+            export_tflite(model, path)
+    assert not os.path.exists(path)

@@ -86,3 +86,26 @@ def test_invalid_size_names_valid_neighbours():
         keras_vit.create_model("resnet50", img_size=230)
     with pytest.raises(ValueError, match="block must be"):
         resnet(block="wide", layers=(1, 1, 1, 1))
+
+
+def test_stem_max_pool_pads_like_torch_and_quantizes(tmp_path):
+    """MaxPool2d(3, 2, padding=1): the padding never wins (negative inputs too: botnet50ts'
+    SiLU stem), and it pads with the input's minimum, not -inf: -inf became the calibrated
+    range of an int8 file (a 1e33 bias scale after the pool; XNNPACK refused the file).
+    The int8 ResNet now runs under LiteRT's default delegate and keeps its features."""
+    import keras
+
+    from keras_vit.export import export_tflite
+    from keras_vit.models.botnet import MaxPool3x3S2
+
+    x = np.random.default_rng(0).standard_normal((2, 9, 8, 3)).astype(np.float32) - 3.0
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+    expected = np.stack([np.stack([padded[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].max((1, 2))
+                                   for j in range(4)], 1) for i in range(5)], 1)
+    np.testing.assert_array_equal(np.asarray(MaxPool3x3S2()(x)), expected)
+
+    keras.utils.set_random_seed(0)
+    model = resnet(**dict(TINY, num_classes=0), features_only=True, out_indices=(3,))
+    report = export_tflite(model, str(tmp_path / "r.tflite"), "int8",
+                           representative_data=images(16, TINY["img_size"], seed=1))
+    assert report["relative_diff"] <= 0.3  # MAX_QUANTIZED_RELATIVE_DIFF["int8"]

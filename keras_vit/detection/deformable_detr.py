@@ -69,8 +69,10 @@ def interleave_sin_cos(x):
 
 
 def inverse_sigmoid(x, eps=1e-5):
+    """The official log(x1 / x2) as log(x1) - log(x2): in an int8 file the clipped 1 - x
+    can quantize to zero, and an int8 DIV by zero aborts the interpreter."""
     x = ops.clip(x, 0.0, 1.0)
-    return ops.log(ops.maximum(x, eps) / ops.maximum(1.0 - x, eps))
+    return ops.log(ops.maximum(x, eps)) - ops.log(ops.maximum(1.0 - x, eps))
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
@@ -444,7 +446,7 @@ def _check_args(img_size, num_queries, embed_dim, num_heads, with_box_refine, tw
 
 def deformable_detr(*, img_size=(800, 1344), in_chans=3, num_classes=91, num_queries=300,
                     backbone_depth=50, backbone_layers=None, backbone_widths=(64, 128, 256, 512),
-                    backbone_stem_width=64, embed_dim=256,
+                    backbone_stem_width=64, frozen_batch_norm=True, embed_dim=256,
                     num_heads=8, enc_layers=6, dec_layers=6, enc_points=4, dec_points=4,
                     ffn_dim=1024, dropout=0.1, with_box_refine=False, two_stage=False,
                     aux_outputs=False, with_pixel_mask=False, name="deformable_detr"):
@@ -452,8 +454,11 @@ def deformable_detr(*, img_size=(800, 1344), in_chans=3, num_classes=91, num_que
 
     img_size: a multiple of 32 (the ResNet's stride; the reference's 800x1333 is (800, 1344)
     here). backbone_depth / backbone_layers / backbone_widths / backbone_stem_width: the
-    ResNet (50: bottlenecks (3, 4, 6, 3), planes 64..512, stem 64; smaller ones for tests). num_queries: the
-    decoder's queries (two-stage: the number of encoder proposals kept).
+    ResNet (50: bottlenecks (3, 4, 6, 3), planes 64..512, stem 64; smaller ones for tests).
+    frozen_batch_norm: the official FrozenBatchNorm2d (right for a pretrained backbone);
+    False gives trainable BatchNorm, what training from scratch needs (frozen statistics of a
+    random backbone normalise nothing). num_queries: the decoder's queries (two-stage: the
+    number of encoder proposals kept).
     """
     _check_args(img_size, num_queries, embed_dim, num_heads, with_box_refine, two_stage)
     h, w = check_img_size(img_size, 32, what="the network stride")
@@ -464,7 +469,8 @@ def deformable_detr(*, img_size=(800, 1344), in_chans=3, num_classes=91, num_que
     body = resnet(depth=backbone_depth, block="bottleneck" if backbone_layers else None,
                   layers=backbone_layers, widths=backbone_widths, stem_width=backbone_stem_width,
                   img_size=(h, w), in_chans=in_chans,
-                  features_only=True, out_indices=(1, 2, 3), frozen_batch_norm=True,
+                  features_only=True, out_indices=(1, 2, 3),
+                  frozen_batch_norm=frozen_batch_norm,
                   inputs=images, name="backbone.0.body")
     for layer in body.layers:
         if not isinstance(layer, keras.layers.InputLayer):

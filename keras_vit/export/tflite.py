@@ -24,6 +24,17 @@ MAX_QUANTIZED_RELATIVE_DIFF = {"dynamic": 0.1, "int8": 0.3}
 # Segmentation logits (N, H, W, K): the per-pixel argmax must agree this often (float modes
 # as well as the relative bound; integer modes instead of it).
 MIN_PIXEL_AGREEMENT = {"none": 0.99, "float16": 0.99, "dynamic": 0.9, "int8": 0.9}
+# Post-processed detectors ({"scores", "classes", "boxes"} in input pixels): the share of
+# Keras' detections that the file finds with the same class, the box within this fraction
+# of the image size and the score within this much. Float modes check every detection
+# inside the top-k (1e-3 of the image size, the issue's contract); quantized modes those the
+# model is confident of (score >= DETECTION_SCORE_THRESHOLD), where a quantized box moves
+# by a few pixels.
+DETECTION_TOLERANCE = {"none": (1e-3, 1e-3), "float16": (1e-2, 1e-2),
+                       "dynamic": (0.05, 0.1), "int8": (0.05, 0.1)}
+MIN_DETECTION_AGREEMENT = {"none": 0.99, "float16": 0.95, "dynamic": 0.9, "int8": 0.9}
+DETECTION_SCORE_THRESHOLD = 0.3
+DETECTION_OUTPUTS = ("boxes", "classes", "scores")
 
 
 class TFLiteExportError(RuntimeError):
@@ -221,7 +232,36 @@ def _segmentation_model(model):
     return model_task(model) == "segmentation"
 
 
-def verify_tflite(path, model, inputs):
+def detection_agreement(reference, lite, image_size, quantization="none"):
+    """The share of the Keras detections that the TFLite file reproduces (None if none is
+    checked), for {"scores" (N, k), "classes" (N, k), "boxes" (N, k, 4) xyxy pixels}.
+
+    A Keras detection counts as found when a TFLite detection of the same class has its box
+    within DETECTION_TOLERANCE[quantization][0] x the image size and its score within [1]:
+    matched by content, not rank, so that near-tied scores may swap places. Float modes check
+    the detections whose score is clear of the k-th one (a tie at the cut may drop one);
+    quantized modes the confident ones (score >= DETECTION_SCORE_THRESHOLD)."""
+    box_tol, score_tol = DETECTION_TOLERANCE[quantization]
+    box_tol *= float(max(image_size))
+    checked = found = 0
+    for i in range(len(reference["scores"])):
+        scores, classes, boxes = (np.asarray(reference[k][i]) for k in
+                                  ("scores", "classes", "boxes"))
+        l_scores, l_classes, l_boxes = (np.asarray(lite[k][i]) for k in
+                                        ("scores", "classes", "boxes"))
+        if quantization in FLOAT_TOLERANCE:
+            keep = scores > scores.min() + 1e-5  # clear of float round-off at the cut
+        else:
+            keep = scores >= DETECTION_SCORE_THRESHOLD
+        for j in np.flatnonzero(keep):
+            match = ((l_classes == classes[j]) & (np.abs(l_scores - scores[j]) <= score_tol)
+                     & np.all(np.abs(l_boxes - boxes[j]) <= box_tol, axis=-1))
+            checked += 1
+            found += bool(match.any())
+    return found / checked if checked else None
+
+
+def verify_tflite(path, model, inputs, quantization="none"):
     """Runs the .tflite file on ``inputs`` (N samples; the file's batch size divides N) and
     compares each of its outputs with the Keras model's.
 
@@ -231,7 +271,9 @@ def verify_tflite(path, model, inputs):
     for logits-like (N, C) outputs, top1_agreement; the top-level max_abs_diff and
     relative_diff are the worst over outputs, top1_agreement the lowest (None when no output
     is logits-like); segmentation models' per-pixel logits get pixel_agreement (of the
-    argmax over classes), the top-level one the lowest."""
+    argmax over classes), the top-level one the lowest; post-processed detectors (outputs
+    scores, classes, boxes) get detection_agreement (see detection_agreement, with the
+    tolerances of ``quantization``)."""
     names = input_names(model)
     if isinstance(inputs, dict):
         arrays = [np.asarray(inputs[name], np.float32) for name in names]
@@ -270,11 +312,18 @@ def verify_tflite(path, model, inputs):
         per_output[name] = row
     top1 = [r["top1_agreement"] for r in per_output.values() if "top1_agreement" in r]
     pixel = [r["pixel_agreement"] for r in per_output.values() if "pixel_agreement" in r]
-    return dict(max_abs_diff=max(r["max_abs_diff"] for r in per_output.values()),
-                relative_diff=max(r["relative_diff"] for r in per_output.values()),
-                top1_agreement=min(top1) if top1 else None,
-                pixel_agreement=min(pixel) if pixel else None, outputs=per_output,
-                size_bytes=os.path.getsize(path))
+    report = dict(max_abs_diff=max(r["max_abs_diff"] for r in per_output.values()),
+                  relative_diff=max(r["relative_diff"] for r in per_output.values()),
+                  top1_agreement=min(top1) if top1 else None,
+                  pixel_agreement=min(pixel) if pixel else None, outputs=per_output,
+                  size_bytes=os.path.getsize(path))
+    if sorted(per_output) == list(DETECTION_OUTPUTS):
+        lite = {name: np.concatenate([b[k] for b in lite_batches])
+                for k, name in enumerate(_output_names(reference))}
+        ref = {name: r for name, r in zip(_output_names(reference), refs)}
+        report["detection_agreement"] = detection_agreement(
+            ref, lite, arrays[0].shape[1:3], quantization)
+    return report
 
 
 def _verification_inputs(model, representative_data, batch_size, n=8, seed=0):
@@ -296,6 +345,16 @@ def check_report(report, quantization):
     bound the top-1 agreement of every logits-like output and, for the other outputs
     (feature maps, boxes), their relative difference."""
     failures = []
+    if "detection_agreement" in report:  # judged by what it detects, not output by output
+        agreement = report["detection_agreement"]
+        if agreement is None:
+            failures.append("no Keras detection to compare with (every score tied, or none "
+                            f">= {DETECTION_SCORE_THRESHOLD} for a quantized file): verify "
+                            "on images of the objects the detector was trained on")
+        elif agreement < MIN_DETECTION_AGREEMENT[quantization]:
+            failures.append(f"the file reproduces {100 * agreement:.1f}% of Keras' "
+                            f"detections (< {100 * MIN_DETECTION_AGREEMENT[quantization]:.0f}%)")
+        report = dict(report, outputs={})
     for name, row in report["outputs"].items():
         if "pixel_agreement" in row and row["pixel_agreement"] < MIN_PIXEL_AGREEMENT[
                 quantization]:
@@ -328,7 +387,9 @@ def export_tflite(model, path, quantization="none", representative_data=None, ba
     output passes verification (check_report: fp32: max abs diff <= 1e-4 of that
     output's scale; fp16: 1e-2; dynamic/int8: top-1 agreement >= 0.9 for class
     scores, relative diff <= 0.1 / 0.3 for feature maps and boxes, on the
-    representative data), so an existing file is never replaced by a bad one.
+    representative data; segmentation logits by their per-pixel argmax, post-processed
+    detectors by the detections they reproduce: see MIN_PIXEL_AGREEMENT and
+    detection_agreement), so an existing file is never replaced by a bad one.
     Multi-output models (features_only pyramids, dicts of heads) are verified
     output by output; multi-input models are fed by input name. Returns the
     verification report (dict, see verify_tflite).
@@ -340,6 +401,6 @@ def export_tflite(model, path, quantization="none", representative_data=None, ba
         report = dict(quantization=quantization, size_bytes=len(flatbuffer), path=os.fspath(path))
         if verify:
             inputs = _verification_inputs(model, representative_data, batch_size)
-            report.update(verify_tflite(tmp, model, inputs))
+            report.update(verify_tflite(tmp, model, inputs, quantization))
             check_report(report, quantization)
     return report

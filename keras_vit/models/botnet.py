@@ -207,11 +207,14 @@ def conv_norm_act(x, filters, kernel_size, stride, name, act="relu"):
 
 @keras.saving.register_keras_serializable(package="keras_vit")
 class MaxPool3x3S2(keras.layers.Layer):
-    """torch's MaxPool2d(3, 2, padding=1): padding with -inf, never the maximum (zero padding
-    would equal it only after a ReLU; after SiLU, as in botnet50ts, inputs can be negative)."""
+    """torch's MaxPool2d(3, 2, padding=1): the padding is never the maximum. It pads with the
+    input's minimum (every 3x3 window holds a real pixel, so the max is torch's): zero padding
+    would be exact only after a ReLU (after SiLU, as in botnet50ts, inputs can be negative),
+    and -inf became the range an int8 file calibrates, leaving no resolution for the pixels
+    (XNNPACK refused the file)."""
 
     def call(self, x):
-        x = ops.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=float("-inf"))
+        x = ops.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=ops.min(x))
         return ops.max_pool(x, 3, 2, padding="valid")
 
     def compute_output_shape(self, input_shape):

@@ -41,6 +41,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 0.0
     schedule: str = None  # None: the task's (classification cosine, segmentation poly)
+    clip_norm: float = None  # global gradient-norm clip; None: the task's (detection 0.1), 0 off
     label_smoothing: float = 0.0
     randaugment: bool = False
     mixup: float = 0.0
@@ -64,6 +65,15 @@ class TrainConfig:
     scale_range: tuple = (0.5, 2.0)  # segmentation: random rescale factors (mmseg's)
 
 
+def gradient_clip_norm(config, task):
+    """The global gradient-norm clip of a run (0: none): --clip_norm, else the task's.
+    DETR and Deformable DETR clip at 0.1 (their main.py's clip_max_norm); the classification
+    and segmentation references do not clip."""
+    if config.clip_norm is not None:
+        return float(config.clip_norm)
+    return 0.1 if task == "detection" else 0.0
+
+
 def validate(config):
     """Every check that needs no data or model: a clear ValueError before any work starts."""
     from keras_vit.registry import list_models
@@ -78,6 +88,8 @@ def validate(config):
     need(config.steps_per_epoch is None or config.steps_per_epoch > 0,
          "--steps_per_epoch must be positive")
     need(config.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}")
+    need(config.clip_norm is None or config.clip_norm >= 0,
+         f"--clip_norm must be >= 0 (0: no clipping), got {config.clip_norm}")
     need(config.schedule in (None,) + WarmupSchedule.SCHEDULES,
          f"--schedule must be one of {WarmupSchedule.SCHEDULES}")
     need(config.task in (None,) + TASKS, f"--task must be one of {TASKS}")
@@ -384,11 +396,13 @@ def _compiled_model(config, task, info, img_size, steps_per_epoch, total_steps, 
                               int(config.warmup_epochs * steps_per_epoch),
                               config.schedule or ("poly" if task == "segmentation"
                                                   else "cosine"))
+    clip = gradient_clip_norm(config, task)
+    clip = {"global_clipnorm": clip} if clip else {}
     if config.optimizer == "adamw":
-        optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay, **clip)
     else:
         optimizer = keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True,
-                                         weight_decay=config.weight_decay or None)
+                                         weight_decay=config.weight_decay or None, **clip)
     if config.teacher:
         teacher = _load_teacher(config.teacher, info.num_classes, img_size)
         model = DistillationModel(student, teacher, config.distillation,
