@@ -15,6 +15,7 @@ loads through a local hub cache) and the benchmark command (it needs an interpre
 torch and timm).
 """
 
+import json
 import os
 import re
 import subprocess
@@ -116,8 +117,12 @@ def workdir(tmp_path_factory):
     work = tmp_path_factory.mktemp("readme")
     for name in ("apps", "configs", ".venv"):
         os.symlink(os.path.join(ROOT, name), work / name)
-    shell(".venv/bin/python apps/train.py --flagfile=configs/main_job.flags "
-          + " ".join(SMALL_MAIN_JOB), cwd=work)
+    proc = shell(".venv/bin/python apps/train.py --flagfile=configs/main_job.flags "
+                 + " ".join(SMALL_MAIN_JOB), cwd=work)
+    assert "== summary ==" in proc.stdout and "validation accuracy" in proc.stdout
+    with open(work / "runs" / "main_job" / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["model"] == "vit_c_1gf" and summary["steps"] == 8  # 256 images, batch 64
     assert (work / "runs" / "main_job" / "model.keras").exists()
     return work
 
