@@ -297,6 +297,7 @@ def verify_tflite(path, model, inputs, quantization="none"):
         raise TFLiteExportError(f"the TFLite file has {len(lite_batches[0])} outputs, the "
                                 f"Keras model {len(refs)}")
     per_output, segmentation = {}, _segmentation_model(model)
+    detections = sorted(_output_names(reference)) == list(DETECTION_OUTPUTS)
     for k, (name, ref) in enumerate(zip(_output_names(reference), refs)):
         lite = np.concatenate([b[k] for b in lite_batches])
         if lite.shape != ref.shape:
@@ -305,7 +306,7 @@ def verify_tflite(path, model, inputs, quantization="none"):
         diff = float(np.max(np.abs(lite - ref)))
         scale = float(max(np.max(np.abs(ref)), 1e-12))
         row = dict(shape=list(ref.shape), max_abs_diff=diff, relative_diff=diff / scale)
-        if _is_logits(ref):
+        if _is_logits(ref) and not detections:  # (N, k) scores of ranked detections
             row["top1_agreement"] = float(np.mean(lite.argmax(-1) == ref.argmax(-1)))
         elif ref.ndim == 4 and segmentation:
             row["pixel_agreement"] = float(np.mean(lite.argmax(-1) == ref.argmax(-1)))
@@ -317,7 +318,7 @@ def verify_tflite(path, model, inputs, quantization="none"):
                   top1_agreement=min(top1) if top1 else None,
                   pixel_agreement=min(pixel) if pixel else None, outputs=per_output,
                   size_bytes=os.path.getsize(path))
-    if sorted(per_output) == list(DETECTION_OUTPUTS):
+    if detections:
         lite = {name: np.concatenate([b[k] for b in lite_batches])
                 for k, name in enumerate(_output_names(reference))}
         ref = {name: r for name, r in zip(_output_names(reference), refs)}
