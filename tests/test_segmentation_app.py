@@ -1,5 +1,5 @@
-"""The segmentation journey through the apps: train (defaults: XLA, poly schedule), resume,
-two replicas, evaluate (mIoU equal to the training summary's), export with per-pixel
+"""The segmentation journey through the apps: train on two replicas, resume on one (defaults:
+poly schedule), evaluate (mIoU equal to the training summary's), export with per-pixel
 agreement, and a bad mask folder refused before any step."""
 
 import os
@@ -9,18 +9,24 @@ from PIL import Image
 
 from test_training import read, run_app
 
-# A small Swin-UNet: every stage of the encoder and decoder, 64 px shapes.
-TINY = ["--model=swin_unet_tiny_224",
-        '--model_args={"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], '
-        '"window_size": 4}',
+# A narrow SegFormer-B0 (the README's model; every other family's training step and export
+# are in tests/test_contract.py): all four MiT stages and the all-MLP decoder, 64 px shapes.
+TINY = ["--model=segformer_b0",
+        '--model_args={"embed_dims": [8, 16, 24, 32], "num_heads": [1, 2, 2, 4], '
+        '"mlp_ratios": [2, 2, 2, 2], "depths": [1, 1, 1, 1], "decoder_dim": 16}',
         "--img_size=64", "--train_samples=48", "--val_samples=16", "--batch_size=16"]
 
 
 def test_train_resume_evaluate_export(tmp_path):
     run = str(tmp_path / "run")
-    first = run_app("train.py", *TINY, "--epochs=1", f"--model_dir={run}")
+    # The first epoch on two CPU replicas (mirrored: per-replica loss, global mIoU)...
+    first = run_app("train.py", *TINY, "--epochs=1", "--strategy=mirrored", "--cpu_replicas=2",
+                    f"--model_dir={run}")
     assert "validation mIoU" in first.stdout
-    # Rerun with more epochs: resumes after the first epoch's 3 steps, ends at 6.
+    summary = read(os.path.join(run, "summary.json"))
+    assert summary["steps"] == 3 and np.isfinite(summary["val_miou"])
+    # ... then rerun with more epochs and the default strategy: resumes from the mirrored
+    # run's checkpoint after its 3 steps, ends at 6.
     run_app("train.py", *TINY, "--epochs=2", f"--model_dir={run}",
             f"--export_dir={run}/export", "--export_tflite=fp32")
     summary = read(os.path.join(run, "summary.json"))
@@ -48,14 +54,6 @@ def test_train_resume_evaluate_export(tmp_path):
     report = read(os.path.join(tmp_path, "export", "export_report.json"))
     assert report["fp32"]["pixel_agreement"] >= 0.99
     assert report["dynamic"]["pixel_agreement"] >= 0.9 and report["int8"]["pixel_agreement"] >= 0.9
-
-
-def test_two_cpu_replicas(tmp_path):
-    run = str(tmp_path / "run")
-    run_app("train.py", *TINY, "--epochs=1", "--strategy=mirrored", "--cpu_replicas=2",
-            f"--model_dir={run}")
-    summary = read(os.path.join(run, "summary.json"))
-    assert summary["steps"] == 3 and np.isfinite(summary["val_miou"])
 
 
 def test_a_bad_mask_is_named_before_any_step(tmp_path):

@@ -45,10 +45,10 @@ def checkpoint_arrays(path):
     return values
 
 
+# The app's path for a bad flag (its own parsing, the trainer's checks, the data's) and the
+# trainer's checks in process; an unknown model name in every app: tests/test_apps.py.
 @pytest.mark.parametrize("args,message", [
-    (["--model=vit_smal_patch16_224"], "closest: vit_small_patch16_224"),
     (["--dataset=folder:/no/such/dir"], "no such directory"),
-    (["--dataset=imagenet"], "--dataset must be"),
     (["--model_args=[1]"], "must be a JSON object"),
     (["--learning_rate=-1"], "--learning_rate must be positive"),
 ])
@@ -57,6 +57,19 @@ def test_bad_flags_fail_before_any_work(tmp_path, args, message):
     assert proc.returncode != 0
     assert message in proc.stderr
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(dataset="imagenet"), "--dataset must be"),
+    (dict(model="vit_smal_patch16_224"), "closest: vit_small_patch16_224"),
+    (dict(batch_size=0), "--batch_size"),
+])
+def test_trainer_checks_name_the_flag(change, message):
+    from keras_vit.training import TrainConfig
+    from keras_vit.training.trainer import validate
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate(TrainConfig(**change))
 
 
 def test_train_evaluate_export_end_to_end(tmp_path):
