@@ -47,12 +47,12 @@ def test_train_resume_evaluate_export(tmp_path):
     assert metrics["count"] == 16 and "mIoU" in proc.stdout
     assert os.path.getsize(os.path.join(tmp_path, "eval", "segmentation_samples.png")) > 1000
 
-    # Every TFLite mode, calibrated and verified on the run's own validation masks' images.
+    # The quantized modes (fp32 is the training export's above), calibrated and verified on
+    # the run's own validation masks' images.
     proc = run_app("export.py", f"--model_path={run}", f"--export_dir={tmp_path}/export",
-                   "--modes=fp32,dynamic,int8", "--batch_size=8", "--calibration_batches=2")
+                   "--modes=dynamic,int8", "--batch_size=8", "--calibration_batches=2")
     assert "per-pixel agreement" in proc.stdout
     report = read(os.path.join(tmp_path, "export", "export_report.json"))
-    assert report["fp32"]["pixel_agreement"] >= 0.99
     assert report["dynamic"]["pixel_agreement"] >= 0.9 and report["int8"]["pixel_agreement"] >= 0.9
 
 

@@ -25,7 +25,7 @@ def test_learns_to_copy(norm_first):
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     src, tgt_in, tgt_out = copy_task(4096, seed=0)
-    model.fit([src, tgt_in], tgt_out, batch_size=64, epochs=4, verbose=0)
+    model.fit([src, tgt_in], tgt_out, batch_size=64, epochs=2, verbose=0)
     test_src = copy_task(128, seed=99)[0]
     decoded = greedy_decode(model, test_src, LENGTH, BOS)
     accuracy = float(np.mean(decoded == test_src))
