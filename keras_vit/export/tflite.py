@@ -297,8 +297,9 @@ def verify_tflite(path, model, inputs, quantization="none"):
         raise TFLiteExportError(f"the TFLite file has {len(lite_batches[0])} outputs, the "
                                 f"Keras model {len(refs)}")
     per_output, segmentation = {}, _segmentation_model(model)
-    detections = sorted(_output_names(reference)) == list(DETECTION_OUTPUTS)
-    for k, (name, ref) in enumerate(zip(_output_names(reference), refs)):
+    names = _output_names(reference)
+    detections = sorted(names) == list(DETECTION_OUTPUTS)
+    for k, (name, ref) in enumerate(zip(names, refs)):
         lite = np.concatenate([b[k] for b in lite_batches])
         if lite.shape != ref.shape:
             raise TFLiteExportError(f"output {name!r}: TFLite shape {lite.shape}, Keras "
@@ -320,10 +321,9 @@ def verify_tflite(path, model, inputs, quantization="none"):
                   size_bytes=os.path.getsize(path))
     if detections:
         lite = {name: np.concatenate([b[k] for b in lite_batches])
-                for k, name in enumerate(_output_names(reference))}
-        ref = {name: r for name, r in zip(_output_names(reference), refs)}
+                for k, name in enumerate(names)}
         report["detection_agreement"] = detection_agreement(
-            ref, lite, arrays[0].shape[1:3], quantization)
+            dict(zip(names, refs)), lite, arrays[0].shape[1:3], quantization)
     return report
 
 
@@ -355,8 +355,8 @@ def check_report(report, quantization):
         elif agreement < MIN_DETECTION_AGREEMENT[quantization]:
             failures.append(f"the file reproduces {100 * agreement:.1f}% of Keras' "
                             f"detections (< {100 * MIN_DETECTION_AGREEMENT[quantization]:.0f}%)")
-        report = dict(report, outputs={})
-    for name, row in report["outputs"].items():
+    per_output = {} if "detection_agreement" in report else report["outputs"]
+    for name, row in per_output.items():
         if "pixel_agreement" in row and row["pixel_agreement"] < MIN_PIXEL_AGREEMENT[
                 quantization]:
             failures.append(f"output {name!r} per-pixel argmax agreement with Keras is "
