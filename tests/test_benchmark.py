@@ -52,6 +52,9 @@ def test_app_rejects_bad_flags():
     assert proc.returncode != 0 and "warp_drive" in proc.stderr and "tflite_int8" in proc.stderr
     proc = _run_app("--batch_size=0", "--timm=off")
     assert proc.returncode != 0 and "--batch_size must be >= 1" in proc.stderr
+    proc = _run_app("--input_pipeline", "--input_modes=folder_plain,disk_plain", "--timm=off")
+    assert proc.returncode != 0 and "disk_plain" in proc.stderr
+    assert "tfrecord_plain_cached" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_tflite_mode_and_table(tmp_path):
@@ -80,3 +83,45 @@ def test_timing_helpers():
     peak, source = bm.peak_rss_mib()
     assert peak > 0 and source in ("VmHWM", "ru_maxrss")
     np.testing.assert_array_equal(bm._inputs(2, 4, 0), bm._inputs(2, 4, 0))
+
+
+def test_input_pipeline_mode(tmp_path):
+    """--input_pipeline on tiny settings: seven input modes, the train row and the resume rows
+    (the addressed stream measured at step 100,000, the old replay extrapolated there)."""
+    out_csv = tmp_path / "input.csv"
+    proc = _run_app("--input_pipeline", "--model=vit_tiny_patch16_224",
+                    '--model_args={"depth": 1}', "--img_size=32", "--batch_size=4",
+                    "--input_modes=folder_plain,folder_randaugment,folder_mixup,"
+                    "tfrecord_plain,tfrecord_randaugment,folder_plain_cached,"
+                    "tfrecord_plain_cached", "--input_images=16", "--input_warmup=0",
+                    "--input_batches=1", "--rounds=1",
+                    "--resume_steps=0,100000", "--replay_steps=0,1", "--notrain_jit_compile",
+                    "--warmup=0", "--iters=1", "--onednn=off",
+                    f"--csv={out_csv}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    rates = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 5 and cells[0] != "mode" and not cells[0].startswith("---"):
+            rates[cells[0]] = float(cells[1])
+    assert set(rates) == {
+        "folder plain", "folder randaugment", "folder mixup 0.8 + cutmix 1.0",
+        "folder plain cached", "tfrecord plain", "tfrecord randaugment",
+        "tfrecord plain cached",
+        "model train step (AdamW)"}, out
+    assert all(v > 0 for v in rates.values())
+    for source in ("folder", "tfrecord"):
+        row = next(line for line in out.splitlines()
+                   if line.startswith(f"| {source} | 100,000 (position 400,000) |"))
+        addressed, replay = [c.strip() for c in row.strip("|").split("|")][2:4]
+        assert float(addressed) > 0  # measured, not extrapolated
+        assert "extrapolated" in replay or "not extrapolated" in replay
+    assert "CPU flags: " in out and "1-min load average" in out
+    assert "| vit_tiny_patch16_224 | keras |" not in out  # no model modes unless --modes
+    with open(out_csv) as f:
+        rows = list(csv.DictReader(f))
+    modes = {(r["framework"], r["mode"]) for r in rows}
+    assert ("input", "tfrecord_plain_cached") in modes and ("keras", "train") in modes
+    assert ("resume", "folder_addressed_step_100000") in modes
+    assert ("resume", "folder_replay_step_100000") in modes or "not extrapolated" in out
