@@ -59,6 +59,8 @@ flags.DEFINE_integer("checkpoint_every", 100, "Save a checkpoint every N steps (
 flags.DEFINE_integer("keep_checkpoints", 2, "Keep the newest N step checkpoints (an unreadable "
                      "newest one falls back to the one before).")
 flags.DEFINE_integer("seed", 0, "Random seed (data, init, augmentation).")
+flags.DEFINE_bool("cache_data", False, "Hold the training files' bytes (image files, TFRecord "
+                  "shards) in memory after one read, each worker its share; for data that fits.")
 flags.DEFINE_bool("strict_data", False, "Fail on unreadable images (and bad masks) instead of skipping them.")
 flags.DEFINE_bool("deterministic", True, "Deterministic ops: the same flags and seed give the "
                   "same weights. Keras does not XLA-compile the steps then; "

@@ -32,7 +32,10 @@ def test_train_resume_evaluate_export(tmp_path):
     summary = read(os.path.join(run, "summary.json"))
     assert summary["task"] == "segmentation" and summary["steps"] == 6
     assert summary["num_classes"] == 9 and len(summary["val_per_class_iou"]) == 9
-    assert 0 <= summary["val_miou"] <= 1 and summary["val_pixel_accuracy"] > 0.3
+    assert 0 <= summary["val_miou"] <= 1 and 0 <= summary["val_pixel_accuracy"] <= 1
+    # 6 steps teach little (pixel accuracy 4-37% over seeds): the loss going down is the sign
+    history = read(os.path.join(run, "history.json"))
+    assert len(history) == 2 and history[1]["loss"] < history[0]["loss"]
     history = read(os.path.join(run, "history.json"))
     assert [h["epoch"] for h in history] == [1, 2]
     assert history[1]["learning_rate"] == 0.0  # poly decay reaches 0 at the last step

@@ -97,12 +97,20 @@ def test_train_evaluate_export_end_to_end(tmp_path):
     assert os.path.exists(f"{run}/confusion_matrix.png") and "top-1" in proc.stdout
 
     proc = run_app("export.py", f"--model_path={run}", f"--export_dir={tmp_path}/exp",
-                   "--dataset=shapes", "--calibration_batches=2", "--batch_size=16")
+                   "--dataset=shapes", "--calibration_batches=2", "--batch_size=16", check=False)
     report = read(f"{tmp_path}/exp/export_report.json")
-    assert set(report) == {"fp32", "fp16", "dynamic", "int8"}
+    assert {"fp32", "fp16", "dynamic"} <= set(report)
     assert report["fp32"]["relative_diff"] <= 1e-4 and report["fp16"]["relative_diff"] <= 1e-2
-    assert report["int8"]["size_bytes"] < report["fp32"]["size_bytes"]
-    assert "| int8 |" in proc.stdout
+    # 12 steps leave the model at chance, its logits near ties: int8 is written only when
+    # its top-1 agrees with Keras, else named as refused with exit code 2 (the others kept)
+    if "int8" in report:
+        assert proc.returncode == 0 and report["int8"]["top1_agreement"] >= 0.9
+        assert report["int8"]["size_bytes"] < report["fp32"]["size_bytes"]
+        assert "| int8 |" in proc.stdout
+    else:
+        assert proc.returncode == 2 and "int8: not written" in proc.stdout, proc.stderr[-2000:]
+        assert "top-1 agreement with Keras is" in proc.stderr
+        assert not os.path.exists(f"{tmp_path}/exp/model_int8.tflite")
 
     # a model_dir calibrates on its run's data; a bare registered name needs --dataset
     proc = run_app("export.py", "--model_path=vit_tiny_patch16_224", "--modes=int8",
@@ -166,15 +174,51 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def image_folder(root, per_class, size=32, classes=8, seed=0):
+    """ROOT/<class>/<n>.png: random-coloured PNG images, ``per_class`` of each class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    files = []
+    for c in range(classes):
+        os.makedirs(os.path.join(root, f"class{c}"), exist_ok=True)
+        for n in range(per_class):
+            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            pixels[:, :, c % 3] = 30 * c  # something per class to learn
+            files.append(os.path.join(root, f"class{c}", f"{n}.png"))
+            Image.fromarray(pixels).save(files[-1])
+    return files
+
+
+def opened_files(strace_log, under):
+    """The files (not folders, which listing opens) under ``under`` that a process traced
+    by strace opened."""
+    with open(strace_log) as f:
+        return {m.group(1) for m in re.finditer(r'openat\(AT_FDCWD, "([^"]+)"', f.read())
+                if m.group(1).startswith(under + os.sep) and os.path.isfile(m.group(1))}
+
+
 def test_multi_worker_mirrored_two_processes_end_identical(tmp_path):
+    """Two workers on 127.0.0.1 train in lockstep on an image folder: each opens only its
+    share of the training files (seen by strace: disjoint, together every file), and both
+    end with the same weights."""
+    import shutil
+
+    data = str(tmp_path / "data")
+    train_files = image_folder(f"{data}/train", per_class=12)  # 96 images: 6 steps of 16
+    image_folder(f"{data}/validation", per_class=4, seed=1)
     ports = [_free_port(), _free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    strace = shutil.which("strace")
     procs = []
     for index in range(2):
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3",
                    TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker",
                                                                        "index": index}}))
-        cmd = [sys.executable, os.path.join(ROOT, "apps", "train.py"), *TINY, "--epochs=1",
+        trace = [strace, "-f", "-qq", "--seccomp-bpf", "-e", "trace=openat", "-o",
+                 str(tmp_path / f"worker{index}.strace")] if strace else []
+        cmd = [*trace, sys.executable, os.path.join(ROOT, "apps", "train.py"), *TINY[:3],
+               "--batch_size=16", f"--dataset=folder:{data}", "--epochs=1",
                "--strategy=multi_worker_mirrored", f"--model_dir={tmp_path}/run"]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
@@ -191,6 +235,13 @@ def test_multi_worker_mirrored_two_processes_end_identical(tmp_path):
     for name in chief:
         np.testing.assert_allclose(chief[name], other[name], rtol=0, atol=1e-6, err_msg=name)
     assert read(tmp_path / "run" / "summary.json")["steps"] == 6
+    if strace:  # which files each worker opened, from the kernel's side
+        opened = [opened_files(str(tmp_path / f"worker{i}.strace"), f"{data}/train")
+                  for i in range(2)]
+        assert opened[0] and opened[1] and not opened[0] & opened[1]
+        assert opened[0] | opened[1] == set(train_files)
+    else:
+        pytest.fail("strace is not installed: the files each worker opens cannot be seen")
 
 
 def test_tpu_without_tpu_is_a_clear_error():

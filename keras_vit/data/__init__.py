@@ -6,7 +6,10 @@ import os
 import numpy as np
 
 from keras_vit.data import shapes
-from keras_vit.data.folder import decode_image, read_tfrecord, scan_folder, write_tfrecord
+from keras_vit.data.folder import (decode_image, list_folder, read_tfrecord, readable_images,
+                                   scan_folder, write_tfrecord)
+from keras_vit.data.stream import (Examples, seeded_shuffle, share_source, training_elements,
+                                   training_stream)
 
 DEFAULT_SHAPES_SAMPLES = {"train": 10000, "validation": 2000, "test": 2000}
 
@@ -27,34 +30,56 @@ def load_dataset(spec, split="train", *, img_size=64, seed=0, num_samples=None, 
     spec: "shapes" | "folder:PATH" (PATH/<split>/<class>/... if that exists,
     else PATH/<class>/... for "train") | "tfrecord:GLOB" | "tfds:NAME".
     """
+    examples, info = load_examples(spec, split, img_size=img_size, seed=seed,
+                                   num_samples=num_samples, strict=strict, data_dir=data_dir)
+    return examples.as_dataset(), info
+
+
+def load_examples(spec, split="train", *, img_size=64, seed=0, num_samples=None, strict=False,
+                  data_dir=None, share=(0, 1)):
+    """The split as Examples (what a training stream addresses: keys and how to read one,
+    or TFRecord shards) and its DatasetInfo; the arguments of ``load_dataset``. ``share``
+    (worker, num_workers): an image folder on a worker of many is listed, and only the
+    worker's files (``owner``) are opened to check them; num_examples stays the whole
+    listing's, the same on every worker."""
     import tensorflow as tf
 
     kind, _, arg = spec.partition(":")
     if kind == "shapes":
         n = num_samples or DEFAULT_SHAPES_SAMPLES.get(split, 2000)
         data = shapes.generate(n, img_size, seed=seed, split=split)
-        ds = tf.data.Dataset.from_tensor_slices((data["images"], data["labels"]))
-        return ds, DatasetInfo(len(shapes.CLASS_NAMES), list(shapes.CLASS_NAMES), n)
+        return (Examples(n, keys=(data["images"], data["labels"])),
+                DatasetInfo(len(shapes.CLASS_NAMES), list(shapes.CLASS_NAMES), n))
     if kind == "folder":
         root = os.path.join(arg, split)
         if not os.path.isdir(root):
             if split != "train":
                 raise ValueError(f"no {split!r} split in {arg!r} (expected {root})")
             root = arg
-        files, labels, names, skipped = scan_folder(root, strict)
-        if num_samples:
-            files, labels = files[:num_samples], labels[:num_samples]
-        ds = tf.data.Dataset.from_tensor_slices((files, labels)).map(
-            lambda f, y: (decode_image(tf.io.read_file(f)), y),
-            num_parallel_calls=tf.data.AUTOTUNE)
-        return ds, DatasetInfo(len(names), names, len(files), len(skipped), skipped)
+        read = lambda data, y: (decode_image(data), y)  # noqa: E731
+        worker, num_workers = share
+        if num_workers == 1:
+            files, labels, names, skipped = scan_folder(root, strict)
+            examples = Examples(len(files), keys=(np.asarray(files), labels), read=read,
+                                reads_files=True).take(num_samples)
+            return examples, DatasetInfo(len(names), names, examples.count, len(skipped),
+                                         skipped)
+        # one worker of many: it checks and reads its share of the listing alone
+        files, labels, names = list_folder(root)
+        files, labels = files[:num_samples or None], labels[:num_samples or None]
+        mine = np.asarray(files[worker::num_workers])
+        ok = readable_images(mine, strict)
+        examples = Examples(int(ok.sum()), keys=(mine[ok], labels[worker::num_workers][ok]),
+                            read=read, reads_files=True, owner=share)
+        skipped = list(mine[~ok])
+        return examples, DatasetInfo(len(names), names, len(files), len(skipped), skipped)
     if kind == "tfrecord":
-        ds, num_classes, names, count = read_tfrecord(arg)
-        if num_samples:
-            ds, count = ds.take(num_samples), min(count, num_samples)
-        return ds, DatasetInfo(num_classes, names, count)
+        examples, names = read_tfrecord(arg)
+        examples = examples.take(num_samples)
+        return examples, DatasetInfo(len(names), names, examples.count)
     if kind == "tfds":
-        return _load_tfds(arg, split, data_dir, num_samples)
+        ds, info = _load_tfds(arg, split, data_dir, num_samples)
+        return Examples(info.num_examples, dataset=ds), info
     raise ValueError(f"dataset must be shapes, folder:PATH, tfrecord:GLOB or tfds:NAME, got {spec!r}")
 
 
@@ -91,7 +116,9 @@ def _resize_eval(image, img_size, crop_pct, method):
     image = tf.image.resize(tf.cast(image, tf.float32), new, method=method, antialias=True)
     top = (new[0] - img_size) // 2
     left = (new[1] - img_size) // 2
-    return image[top:top + img_size, left:left + img_size]
+    # the crop's offsets are data-dependent: restore the static shape models need
+    return tf.ensure_shape(image[top:top + img_size, left:left + img_size],
+                           (img_size, img_size, 3))
 
 
 def _random_resized_crop(image, img_size, scale, method, seed):
@@ -127,26 +154,17 @@ def denormalise(images, mean, std):
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
-def seeded_shuffle(ds, seed, shuffle_buffer, repeat):
-    """The training order: shuffled with the seed, each pass reshuffled, repeated if asked.
-
-    Repeated, every iterator gets a fresh shuffle state: the order of pass k depends on
-    (seed, k) alone, not on what other iterators (a probe, Keras' first-batch peek, their
-    read-ahead) drew before, so ``skip(n)`` replays it in a resumed process. Every task's
-    training pipeline starts with it."""
-    import tensorflow as tf
-
-    if not repeat:
-        return ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    return tf.data.Dataset.range(1).flat_map(lambda _: ds.shuffle(
-        shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat())
-
-
 def make_pipeline(ds, *, training, img_size, batch_size, num_classes, mean=(0.485, 0.456, 0.406),
                   std=(0.229, 0.224, 0.225), interpolation="bicubic", crop_pct=0.875,
                   randaugment=False, mixup=0.0, cutmix=0.0, label_smoothing=0.0, seed=0,
-                  shuffle_buffer=2048, drop_remainder=None, repeat=False, min_crop_scale=0.7):
+                  shuffle_buffer=2048, drop_remainder=None, repeat=False, min_crop_scale=0.7,
+                  start=0, worker=0, num_workers=1):
     """Batched (images float32 NHWC normalised, labels).
+
+    ``ds``: Examples (``load_examples``) or a tf.data.Dataset. Training reads Examples as
+    their seeded stream from position ``start`` of the share of ``worker`` of
+    ``num_workers`` (keras_vit/data/stream.py: resume in constant time); a Dataset is
+    shuffled with the seed and skipped to ``start`` by replay.
 
     Train: seeded shuffle, random-resized crop (area min_crop_scale..1; 0.7
     keeps the shapes whole enough to tell apart, use 0.08 for ImageNet-like data), flip,
@@ -165,7 +183,8 @@ def make_pipeline(ds, *, training, img_size, batch_size, num_classes, mean=(0.48
     soft = training and bool(mixup or cutmix or label_smoothing)
 
     if training:
-        ds = seeded_shuffle(ds, seed, shuffle_buffer, repeat).enumerate()
+        ds = training_elements(ds, seed=seed, shuffle_buffer=shuffle_buffer, repeat=repeat,
+                               start=start, worker=worker, num_workers=num_workers)
         rand_aug = keras.layers.RandAugment(value_range=(0, 255), seed=seed) if randaugment else None
 
         def augment(i, item):
@@ -183,6 +202,7 @@ def make_pipeline(ds, *, training, img_size, batch_size, num_classes, mean=(0.48
             ds = ds.map(lambda x, y: (rand_aug(x), y), num_parallel_calls=tf.data.AUTOTUNE,
                         deterministic=True)
     else:
+        ds = ds.as_dataset() if isinstance(ds, Examples) else ds
         ds = ds.map(lambda x, y: (tf.clip_by_value(_resize_eval(x, img_size, crop_pct, method), 0,
                                                    255), y),
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -214,5 +234,5 @@ def make_pipeline(ds, *, training, img_size, batch_size, num_classes, mean=(0.48
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-__all__ = ["DatasetInfo", "load_dataset", "make_pipeline", "read_tfrecord", "scan_folder",
+__all__ = ["DatasetInfo", "Examples", "load_dataset", "load_examples", "training_stream", "make_pipeline", "read_tfrecord", "scan_folder",
            "seeded_shuffle", "shapes", "write_tfrecord", "denormalise", "write_evaluation"]

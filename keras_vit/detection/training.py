@@ -13,12 +13,15 @@ PREDICTION_KEYS = ("logits", "pred_boxes")
 
 
 def detection_pipelines(config, img_size, cfg):
-    """(train pipeline, validation pipeline or None, DatasetInfo, pipeline settings)."""
+    """(``train_at(start, worker, num_workers, batch_size)``: training batches at a
+    position, validation pipeline or None, DatasetInfo, pipeline settings)."""
     from absl import logging
 
-    from keras_vit.detection.data import load_detection_dataset, make_detection_pipeline
+    from keras_vit.data import share_source
+    from keras_vit.detection.data import (load_detection_dataset, load_detection_examples,
+                                          make_detection_pipeline)
 
-    train_ds, info = load_detection_dataset(config.dataset, "train", img_size=img_size,
+    train_examples, info = load_detection_examples(config.dataset, "train", img_size=img_size,
                                             seed=config.seed, num_samples=config.train_samples)
     try:
         val_ds, _ = load_detection_dataset(config.dataset, "validation", img_size=img_size,
@@ -28,11 +31,18 @@ def detection_pipelines(config, img_size, cfg):
         val_ds = None
     pipe = dict(img_size=img_size, batch_size=config.batch_size, mean=cfg["mean"],
                 std=cfg["std"], seed=config.seed)
-    train_pipe = make_detection_pipeline(train_ds, training=True, repeat=True, **pipe)
+
+    examples_for = share_source(train_examples, config.cache_data)
+
+    def train_at(start, worker, num_workers, batch_size):
+        return make_detection_pipeline(examples_for(worker, num_workers), training=True, repeat=True,
+                                       **dict(pipe, batch_size=batch_size), start=start,
+                                       worker=worker, num_workers=num_workers)
+
     val_pipe = (make_detection_pipeline(val_ds, training=False, **pipe)
                 if val_ds is not None else None)
-    return train_pipe, val_pipe, info, dict(pipe, num_classes=info.num_classes,
-                                            task="detection")
+    return train_at, val_pipe, info, dict(pipe, num_classes=info.num_classes,
+                                          task="detection")
 
 
 def sigmoid_scores(model, num_classes):

@@ -13,16 +13,20 @@ AUX_LOSS_WEIGHT = 0.4
 
 
 def segmentation_pipelines(config, img_size, cfg):
-    """(train pipeline, validation pipeline or None, DatasetInfo, pipeline settings) for a
-    TrainConfig, as the classification data step of the trainer returns them."""
+    """(training batches at a position: ``train_at(start, worker, num_workers, batch_size)``,
+    validation pipeline or None, DatasetInfo, pipeline settings) for a TrainConfig, as the
+    classification data step of the trainer returns them."""
     from absl import logging
 
-    from keras_vit.segmentation.data import load_segmentation_dataset, make_segmentation_pipeline
+    from keras_vit.data import share_source
+    from keras_vit.segmentation.data import (load_segmentation_dataset,
+                                             load_segmentation_examples,
+                                             make_segmentation_pipeline)
 
     load = dict(img_size=img_size, seed=config.seed, strict=config.strict_data,
                 reduce_zero_label=config.reduce_zero_label)
-    train_ds, info = load_segmentation_dataset(config.dataset, "train",
-                                               num_samples=config.train_samples, **load)
+    train_examples, info = load_segmentation_examples(config.dataset, "train",
+                                                      num_samples=config.train_samples, **load)
     try:
         val_ds, _ = load_segmentation_dataset(config.dataset, "validation",
                                               num_samples=config.val_samples,
@@ -36,11 +40,18 @@ def segmentation_pipelines(config, img_size, cfg):
     if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
         raise ValueError(f"--scale_range must be two factors 0 < min <= max, got "
                          f"{config.scale_range}")
-    train_pipe = make_segmentation_pipeline(train_ds, training=True, repeat=True,
-                                            scale_range=scale_range, **pipe)
+
+    examples_for = share_source(train_examples, config.cache_data)
+
+    def train_at(start, worker, num_workers, batch_size):
+        return make_segmentation_pipeline(
+            examples_for(worker, num_workers), training=True, repeat=True, scale_range=scale_range,
+            **dict(pipe, batch_size=batch_size), start=start, worker=worker,
+            num_workers=num_workers)
+
     val_pipe = (make_segmentation_pipeline(val_ds, training=False, **pipe)
                 if val_ds is not None else None)
-    return train_pipe, val_pipe, info, dict(pipe, num_classes=info.num_classes,
+    return train_at, val_pipe, info, dict(pipe, num_classes=info.num_classes,
                                             task="segmentation",
                                             reduce_zero_label=config.reduce_zero_label)
 

@@ -2,6 +2,7 @@
 resume at the exact step, NaN stop, logs, curves, export."""
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -63,6 +64,7 @@ class TrainConfig:
     reduce_zero_label: bool = False  # segmentation folders: ADE20K's 0 = "other" -> ignored
     deterministic: bool = True  # op determinism: same flags, same weights; no XLA steps then
     scale_range: tuple = (0.5, 2.0)  # segmentation: random rescale factors (mmseg's)
+    cache_data: bool = False  # hold the training files' bytes in memory (each worker its share)
 
 
 def gradient_clip_norm(config, task):
@@ -95,7 +97,8 @@ def validate(config):
     need(config.task in (None,) + TASKS, f"--task must be one of {TASKS}")
     task = _task(config)
     if task != "classification":
-        kinds = {"segmentation": ("shapes", "folder"), "detection": ("shapes", "coco")}[task]
+        kinds = {"segmentation": ("shapes", "folder", "tfrecord"),
+                 "detection": ("shapes", "coco", "tfrecord")}[task]
         need(config.dataset.split(":", 1)[0] in kinds,
              f"--task={task} reads {' or '.join(kinds)}, got --dataset={config.dataset!r}")
         need(not (config.teacher or config.mixup or config.cutmix or config.randaugment
@@ -112,15 +115,20 @@ def validate(config):
     need(0 <= config.drop_path_rate < 1, "--drop_path_rate must be in [0, 1)")
     need(config.warmup_epochs >= 0, "--warmup_epochs must be >= 0")
     need(config.keep_checkpoints >= 1, "--keep_checkpoints must be >= 1")
+    need(not (config.cache_data and config.dataset.split(":", 1)[0] in ("shapes", "tfds")),
+         "--cache_data holds the files of folder:, coco: and tfrecord: data in memory; "
+         f"{config.dataset!r} has none")
     if config.strategy == "tpu" and config.mixed_precision == "mixed_float16":
         raise ValueError("TPUs train in mixed_bfloat16, not mixed_float16")
     if config.teacher and not (config.teacher in list_models() or os.path.exists(config.teacher)):
         raise ValueError(f"--teacher {config.teacher!r} is neither a registered model nor an "
                          "existing .keras file / SavedModel directory")
     kind = config.dataset.split(":", 1)[0]
-    if kind not in ("shapes", "folder", "tfrecord", "tfds"):
+    if task == "classification" and kind not in ("shapes", "folder", "tfrecord", "tfds"):
         raise ValueError(f"--dataset must be shapes, folder:PATH, tfrecord:GLOB or tfds:NAME, "
                          f"got {config.dataset!r}")
+    if kind == "coco" and not os.path.exists(config.dataset.split(":", 1)[1]):
+        raise ValueError(f"--dataset {config.dataset!r}: no such file")
     if kind == "folder" and not os.path.isdir(config.dataset.split(":", 1)[1]):
         raise ValueError(f"--dataset {config.dataset!r}: no such directory")
 
@@ -132,12 +140,14 @@ def _task(config):
     return config.task or get_model_config(config.model)["task"]
 
 
-def _classification_pipelines(config, img_size, cfg):
-    """(train pipeline, validation pipeline or None, DatasetInfo, pipeline settings)."""
-    from keras_vit.data import load_dataset, make_pipeline
+def _classification_pipelines(config, img_size, cfg, share=(0, 1)):
+    """(``train_at(start, worker, num_workers, batch_size)``: training batches from a
+    position of a worker's share, validation pipeline or None, DatasetInfo, settings)."""
+    from keras_vit.data import load_dataset, load_examples, make_pipeline, share_source
 
-    train_ds, info = load_dataset(config.dataset, "train", img_size=img_size, seed=config.seed,
-                                  num_samples=config.train_samples, strict=config.strict_data)
+    train_examples, info = load_examples(config.dataset, "train", img_size=img_size,
+                                         seed=config.seed, num_samples=config.train_samples,
+                                         strict=config.strict_data, share=share)
     try:
         val_ds, _ = load_dataset(config.dataset, "validation", img_size=img_size,
                                  seed=config.seed, num_samples=config.val_samples,
@@ -148,11 +158,18 @@ def _classification_pipelines(config, img_size, cfg):
     pipe = dict(img_size=img_size, batch_size=config.batch_size, num_classes=info.num_classes,
                 mean=cfg["mean"], std=cfg["std"], interpolation=cfg.get("interpolation", "bicubic"),
                 crop_pct=cfg.get("crop_pct", 0.875), seed=config.seed)
-    train_pipe = make_pipeline(train_ds, training=True, randaugment=config.randaugment,
-                               mixup=config.mixup, cutmix=config.cutmix,
-                               label_smoothing=config.label_smoothing, repeat=True, **pipe)
+
+    examples_for = share_source(train_examples, config.cache_data)
+
+    def train_at(start, worker, num_workers, batch_size):
+        return make_pipeline(examples_for(worker, num_workers), training=True, randaugment=config.randaugment,
+                             mixup=config.mixup, cutmix=config.cutmix,
+                             label_smoothing=config.label_smoothing, repeat=True,
+                             **dict(pipe, batch_size=batch_size), start=start, worker=worker,
+                             num_workers=num_workers)
+
     val_pipe = make_pipeline(val_ds, training=False, **pipe) if val_ds is not None else None
-    return train_pipe, val_pipe, info, pipe
+    return train_at, val_pipe, info, pipe
 
 
 def _unknown_model(name):
@@ -237,7 +254,7 @@ def train(config, flags_text=None):
     # Data
     cfg = get_model_config(config.model)
     img_size = config.img_size or cfg["input_size"]
-    train_pipe, val_pipe, info, pipe = _load_pipelines(config, task, img_size, cfg)
+    train_at, val_pipe, info, pipe = _load_pipelines(config, task, img_size, cfg, strategy)
     steps_per_epoch = config.steps_per_epoch or max(info.num_examples // config.batch_size, 1)
     total_steps = steps_per_epoch * config.epochs
 
@@ -283,8 +300,8 @@ def train(config, flags_text=None):
         fit_val = fit_val.map(lambda x, y: (x, tf.one_hot(y, info.num_classes)))
     sigterm.install()
     try:
-        _fit(model, strategy, train_pipe, fit_val, step, steps_per_epoch, config.epochs,
-             callbacks, verbose)
+        _fit(model, strategy, train_at, config.batch_size, fit_val, step, steps_per_epoch,
+             config.epochs, callbacks, verbose)
     except Exception as e:
         _raise_if_worker_lost(e, strategy, cb.checkpoint_dir(config.model_dir))
         raise
@@ -342,7 +359,7 @@ def check_model_dir_writable(model_dir):
                          ) from e
 
 
-def _load_pipelines(config, task, img_size, cfg):
+def _load_pipelines(config, task, img_size, cfg, strategy):
     """The task's (train, validation or None, info, settings); a ValueError naming --dataset
     when the data cannot be found or read. One training example is read now, so that a wrong
     record schema or an undecodable file fails here rather than at the first step."""
@@ -351,11 +368,13 @@ def _load_pipelines(config, task, img_size, cfg):
     from keras_vit.detection import training as detection
     from keras_vit.segmentation import training as segmentation
 
+    worker, num_workers = input_pipeline_of(strategy)
     make = {"segmentation": segmentation.segmentation_pipelines,
-            "detection": detection.detection_pipelines}.get(task, _classification_pipelines)
+            "detection": detection.detection_pipelines}.get(
+        task, functools.partial(_classification_pipelines, share=(worker, num_workers)))
     try:
-        train_pipe, val_pipe, info, pipe = make(config, img_size, cfg)
-        next(iter(train_pipe.take(1)))
+        train_at, val_pipe, info, pipe = make(config, img_size, cfg)
+        next(iter(train_at(0, worker, num_workers, config.batch_size).take(1)))
     except StopIteration as e:
         raise ValueError(f"--dataset {config.dataset!r}: no training examples") from e
     except (ValueError, OSError, tf.errors.OpError) as e:
@@ -363,7 +382,7 @@ def _load_pipelines(config, task, img_size, cfg):
         if message.startswith("--"):
             raise
         raise ValueError(f"--dataset {config.dataset!r}: {message}") from e
-    return train_pipe, val_pipe, info, pipe
+    return train_at, val_pipe, info, pipe
 
 
 def _op_error_text(error):
@@ -443,22 +462,50 @@ def _restore(model, model_dir, ckpt_dir, chief, strategy):
     return step, source
 
 
-def _fit(model, strategy, train_pipe, val_pipe, step, steps_per_epoch, epochs, callbacks,
-         verbose):
-    """Fits from ``step`` to the end: the rest of a partly done epoch, then whole epochs."""
-    _build_before_multi_worker_fit(model, strategy, train_pipe)
+def _fit(model, strategy, train_at, batch_size, val_pipe, step, steps_per_epoch, epochs,
+         callbacks, verbose):
+    """Fits from ``step`` to the end: the rest of a partly done epoch, then whole epochs. The
+    data starts at the step's position (nothing before it is read again)."""
+    _build_before_multi_worker_fit(model, strategy, train_at, batch_size)
     epoch, offset = divmod(step, steps_per_epoch)
-    data = train_pipe.skip(step)  # the pipeline is seeded: skipping replays the same order
+    data = training_data(train_at, strategy, batch_size, step)
     if step < steps_per_epoch * epochs and offset:
         model.fit(data, initial_epoch=epoch, epochs=epoch + 1,
                   steps_per_epoch=steps_per_epoch - offset, validation_data=val_pipe,
                   callbacks=callbacks, verbose=verbose, shuffle=False)  # tf.data shuffles
-        data = train_pipe.skip((epoch + 1) * steps_per_epoch)
+        data = training_data(train_at, strategy, batch_size, (epoch + 1) * steps_per_epoch)
         epoch += 1
     if epoch < epochs:
         model.fit(data, initial_epoch=epoch, epochs=epochs, steps_per_epoch=steps_per_epoch,
                   validation_data=val_pipe, callbacks=callbacks, verbose=verbose,
                   shuffle=False)
+
+
+def input_pipeline_of(strategy):
+    """(this process's input pipeline, how many): a worker of a multi-worker cluster; one
+    pipeline otherwise (one device, mirrored replicas, TPU hosts: see training_data)."""
+    if not is_multi_worker(strategy):
+        return 0, 1
+    workers = strategy.num_replicas_in_sync // len(strategy.extended.worker_devices)
+    return _worker_index(), workers
+
+
+def training_data(train_at, strategy, batch_size, step):
+    """The training batches from ``step`` on. One replica: one stream at position
+    step * batch_size. Several (mirrored, multi-worker, TPU): one stream per input pipeline
+    (a worker, a TPU host) over its own share of the data, at its own position, each of its
+    batches one replica's; nothing is read to be discarded (no auto-sharding)."""
+    import tensorflow as tf
+
+    if strategy.num_replicas_in_sync == 1:
+        return train_at(step * batch_size, 0, 1, batch_size)
+
+    def worker_stream(context):
+        workers = context.num_input_pipelines
+        return train_at(step * batch_size // workers, context.input_pipeline_id, workers,
+                        context.get_per_replica_batch_size(batch_size))
+
+    return strategy.distribute_datasets_from_function(worker_stream)
 
 
 def _raise_if_worker_lost(error, strategy, resume_dir):
@@ -499,7 +546,7 @@ def _validation_metrics(deploy, task, val_pipe, num_classes):
     return {"val_accuracy": evaluate_accuracy(deploy, val_pipe)}
 
 
-def _build_before_multi_worker_fit(model, strategy, pipe):
+def _build_before_multi_worker_fit(model, strategy, train_at, batch_size):
     """Keras 3.15's fit builds metrics from a batch it first reduces eagerly across replicas,
     which MultiWorkerMirroredStrategy cannot do ("Attempt to convert a value (PerReplica...)").
     Build them from one local batch instead and skip that step."""
@@ -507,7 +554,9 @@ def _build_before_multi_worker_fit(model, strategy, pipe):
 
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return
-    sample = next(iter(pipe.take(1)))
+    worker, num_workers = input_pipeline_of(strategy)
+    sample = next(iter(train_at(0, worker, num_workers,
+                                batch_size // strategy.num_replicas_in_sync).take(1)))
     with strategy.scope():
         model._symbolic_build(data_batch=sample)
     model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
