@@ -25,12 +25,13 @@ from families import (
 )
 
 RTOL = 1e-4  # of max(1, the output's largest magnitude)
-# Each family's smallest model, its features_only pyramid (a list of maps) and DeiT's two
-# training heads: multi-output models compare every output.
+# Each family's smallest model, the features_only pyramid (a list of maps) of the families
+# whose features path is their own (the plain-token families share ViT's token-to-map path,
+# run once for vit) and DeiT's two training heads: multi-output models compare every output.
+PLAIN_TOKEN_FAMILIES = ("deit", "vit_conv_stem", "tnt", "xcit", "t2t_vit", "deepvit")
 VARIANTS = {case: (case, {}) for case in SMALLEST}
 VARIANTS.update({f"{case}-features": (case, dict(features_only=True, out_indices=(0, -1)))
-                 for case in classification_cases()})
-VARIANTS["tnt-features"][1]["depth"] = 2  # the smallest TNT has one block
+                 for case in classification_cases() if case not in PLAIN_TOKEN_FAMILIES})
 VARIANTS["deit-distilled_training"] = ("deit", dict(distilled_training=True))
 
 
