@@ -9,6 +9,7 @@ from keras import ops
 
 from keras_vit.layers.attention import MultiHeadAttention
 from keras_vit.layers.common import layer_norm
+from keras_vit.layers.efficient_attention import attention_mixer
 from keras_vit.layers.mlp import Mlp
 from keras_vit.layers.regularization import DropPath, LayerScale
 
@@ -107,21 +108,24 @@ class ResidualBlock(keras.layers.Layer):
 class TransformerBlock(ResidualBlock):
     """Encoder block: multi-head self-attention and MLP, each in a residual branch.
 
-    ``call(x, attention_mask=None, bias=None)``; names as timm's ``Block``.
+    ``call(x, attention_mask=None, bias=None)``; names as timm's ``Block``. ``attention``
+    picks the token mixer (layers/efficient_attention.py: "dense", "linear", "topk"), with
+    ``attention_args`` its own arguments; every kind has the dense one's weights.
     """
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop=0.0, attn_drop=0.0,
                  drop_path=0.0, init_values=None, norm_first=True, norm_eps=1e-6, act="gelu",
-                 **kwargs):
+                 attention="dense", attention_args=None, **kwargs):
         super().__init__(
-            MultiHeadAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
-                               proj_drop=drop, name="attn"),
+            attention_mixer(attention, dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                            proj_drop=drop, name="attn", **(attention_args or {})),
             Mlp(int(dim * mlp_ratio), act=act, drop=drop, name="mlp"),
             norm_eps=norm_eps, norm_first=norm_first, init_values=init_values,
             drop_path=drop_path, **kwargs)
         self.dim, self.num_heads, self.mlp_ratio = int(dim), int(num_heads), float(mlp_ratio)
         self.qkv_bias, self.drop, self.attn_drop = bool(qkv_bias), float(drop), float(attn_drop)
         self.act = act
+        self.attention, self.attention_args = attention, dict(attention_args or {})
 
     def get_config(self):
         config = self.block_config()
@@ -129,7 +133,8 @@ class TransformerBlock(ResidualBlock):
             config.pop(key)
         return {**config, "dim": self.dim, "num_heads": self.num_heads,
                 "mlp_ratio": self.mlp_ratio, "qkv_bias": self.qkv_bias, "drop": self.drop,
-                "attn_drop": self.attn_drop, "act": self.act}
+                "attn_drop": self.attn_drop, "act": self.act, "attention": self.attention,
+                "attention_args": self.attention_args}
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")

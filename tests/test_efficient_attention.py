@@ -1,0 +1,112 @@
+"""The efficient token mixers (keras_vit/layers/efficient_attention.py) against a direct,
+loop-by-loop numpy reading of their formulas, as drop-in mixers of DeiT, through .keras and
+builtin-only TFLite."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import keras_vit
+from keras_vit.export import export_tflite
+from keras_vit.layers.efficient_attention import LinearAttention, TopKAttention
+
+
+def _qkv(layer, x):
+    q, k, v = (keras.ops.convert_to_numpy(t) for t in layer.project_qkv(x))
+    return q, k, v
+
+
+def _finish(layer, heads_out):
+    """(B, H, N, d) -> the layer's output through its own projection."""
+    b, h, n, d = heads_out.shape
+    merged = heads_out.transpose(0, 2, 1, 3).reshape(b, n, h * d)
+    return keras.ops.convert_to_numpy(layer.proj(merged))
+
+
+def _phi(x):
+    return np.where(x > 0, x + 1.0, np.exp(x))  # elu(x) + 1
+
+
+def linear_attention_direct(q, k, v, causal, eps=1e-6):
+    """out_i = sum_j phi(q_i).phi(k_j) v_j / sum_j phi(q_i).phi(k_j), j over all keys (or
+    j <= i): Katharopoulos et al.'s equation 2 with their feature map, one query at a time."""
+    out = np.zeros_like(q)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            for i in range(q.shape[2]):
+                last = i + 1 if causal else k.shape[2]
+                sim = np.array([_phi(q[b, h, i]) @ _phi(k[b, h, j]) for j in range(last)])
+                out[b, h, i] = (sim[:, None] * v[b, h, :last]).sum(0) / (sim.sum() + eps)
+    return out
+
+
+def topk_attention_direct(q, k, v, top, scale):
+    """Softmax over each query's ``top`` largest scores, zero weight elsewhere."""
+    out = np.zeros_like(q)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            for i in range(q.shape[2]):
+                scores = (q[b, h, i] * scale) @ k[b, h].T
+                kept = np.argsort(-scores)[:top]
+                w = np.exp(scores[kept] - scores[kept].max())
+                out[b, h, i] = (w / w.sum()) @ v[b, h, kept]
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_attention_is_its_formula(causal):
+    layer = LinearAttention(16, 2, causal=causal)
+    x = np.random.default_rng(0).standard_normal((2, 7, 16)).astype("float32")
+    out = keras.ops.convert_to_numpy(layer(x))
+    expected = _finish(layer, linear_attention_direct(*_qkv(layer, x), causal))
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("top", [1, 3, 7])
+def test_topk_attention_is_its_formula(top):
+    layer = TopKAttention(16, 2, k=top)
+    x = np.random.default_rng(1).standard_normal((2, 7, 16)).astype("float32")
+    out = keras.ops.convert_to_numpy(layer(x))
+    expected = _finish(layer, topk_attention_direct(*_qkv(layer, x), top, layer.scale))
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    if top == 7:  # every key kept: dense attention, the same weights
+        dense = keras_vit.layers.MultiHeadAttention(16, 2)
+        dense.build(x.shape)
+        dense.set_weights(layer.get_weights())
+        np.testing.assert_allclose(out, keras.ops.convert_to_numpy(dense(x)), atol=1e-5)
+
+
+def test_linear_attention_refuses_masks():
+    layer = LinearAttention(8, 2)
+    x = np.zeros((1, 3, 8), "float32")
+    with pytest.raises(ValueError, match="no attention mask"):
+        layer(x, attention_mask=np.ones((1, 1, 3, 3), bool))
+
+
+def test_unknown_attention_is_named():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        keras_vit.create_model("deit_tiny_patch16_224", attention="sparse", depth=1)
+
+
+@pytest.mark.parametrize("kind,args", [("linear", None), ("topk", {"k": 8})])
+def test_deit_with_efficient_attention_saves_exports_and_loads_dense_weights(tmp_path, kind,
+                                                                            args):
+    small = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                 num_classes=5)
+    model = keras_vit.create_model("deit_small_patch16_224", attention=kind,
+                                   attention_args=args, **small)
+    dense = keras_vit.create_model("deit_small_patch16_224", **small)
+    assert [w.path for w in model.weights] == [w.path for w in dense.weights]
+    model.set_weights(dense.get_weights())  # a dense checkpoint is a valid start
+    x = np.random.default_rng(2).uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
+    y = keras.ops.convert_to_numpy(model(x))
+    assert not np.allclose(y, keras.ops.convert_to_numpy(dense(x)), atol=1e-4)
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)), y, atol=1e-6)
+    report = export_tflite(model, os.path.join(tmp_path, "m.tflite"),
+                           representative_data=x)
+    assert report["max_abs_diff"] < 1e-4, report
