@@ -83,13 +83,17 @@ class MultiHeadAttention(keras.layers.Layer):
             q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
         return tuple(split_heads(t, self.num_heads) for t in (q, k, v))
 
-    def attend(self, q, k, v, mask=None, bias=None, training=None):
+    def scores(self, q, k, mask=None, bias=None):
+        """The attention logits QK^T / sqrt(d) (+ bias, masked), (B, H, queries, keys)."""
         logits = ops.matmul(q * ops.cast(self.scale, q.dtype), ops.transpose(k, (0, 1, 3, 2)))
         if bias is not None:
             logits = logits + ops.cast(bias, logits.dtype)
         if mask is not None:
             logits = masked_logits(logits, mask)
-        attn = ops.softmax(logits, axis=-1)
+        return logits
+
+    def attend(self, q, k, v, mask=None, bias=None, training=None):
+        attn = ops.softmax(self.scores(q, k, mask, bias), axis=-1)
         attn = self.attn_dropout(attn, training=training)
         return ops.matmul(attn, v)
 

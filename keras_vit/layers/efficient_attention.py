@@ -61,11 +61,7 @@ class TopKAttention(MultiHeadAttention):
         self.k = int(k)
 
     def attend(self, q, k, v, mask=None, bias=None, training=None):
-        logits = ops.matmul(q * ops.cast(self.scale, q.dtype), ops.transpose(k, (0, 1, 3, 2)))
-        if bias is not None:
-            logits = logits + ops.cast(bias, logits.dtype)
-        if mask is not None:
-            logits = masked_logits(logits, mask)
+        logits = self.scores(q, k, mask, bias)
         keys = logits.shape[-1]
         if keys is None or self.k < keys:
             kept = ops.top_k(logits, min(self.k, keys) if keys else self.k, sorted=True)[0]
