@@ -109,7 +109,7 @@ class TransformerBlock(ResidualBlock):
     """Encoder block: multi-head self-attention and MLP, each in a residual branch.
 
     ``call(x, attention_mask=None, bias=None)``; names as timm's ``Block``. ``attention``
-    picks the token mixer (layers/efficient_attention.py: "dense", "linear", "topk"), with
+    picks the token mixer (layers/efficient_attention.py: dense, linear, topk, bigbird), with
     ``attention_args`` its own arguments; every kind has the dense one's weights.
     """
 

@@ -6,9 +6,11 @@
   instead of O(N^2 d); ``causal=True`` uses running sums over the keys (the decoder form).
 - ``TopKAttention`` (KVT, Wang et al. 2021): each query keeps its k largest scores; the
   others get no weight. Still O(N^2) to score, but the weights are sparse.
+- ``BigBirdAttention`` (Zaheer et al. 2020): block-sparse, window + global + random blocks.
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_vit.layers.attention import MultiHeadAttention, masked_logits
@@ -73,12 +75,97 @@ class TopKAttention(MultiHeadAttention):
         return {**super().get_config(), "k": self.k}
 
 
-ATTENTIONS = {"dense": MultiHeadAttention, "linear": LinearAttention, "topk": TopKAttention}
+def bigbird_key_blocks(num_blocks, window=3, num_global=1, num_random=2, seed=0):
+    """(blocks, kept): for every query block the key blocks it attends to under BigBird's
+    ITC pattern, as a (num_blocks, K) index array and a (num_blocks, K) bool array (False:
+    a filler slot, masked). Global query blocks (the first ``num_global``) see every block;
+    the others see the global blocks, the ``window`` blocks around them and ``num_random``
+    others drawn without repetition from the rest with ``seed`` (fixed at build time, so
+    every call and every exported file uses the same pattern)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(num_blocks):
+        if i < num_global:
+            rows.append(list(range(num_blocks)))
+            continue
+        half = window // 2
+        near = [j for j in range(i - half, i + half + 1) if 0 <= j < num_blocks]
+        fixed = sorted(set(range(min(num_global, num_blocks))) | set(near))
+        rest = [j for j in range(num_blocks) if j not in fixed]
+        rows.append(fixed + sorted(rng.choice(rest, min(num_random, len(rest)),
+                                              replace=False).tolist()))
+    width = max(len(r) for r in rows)
+    blocks = np.array([r + [r[0]] * (width - len(r)) for r in rows], np.int32)
+    kept = np.array([[k < len(r) for k in range(width)] for r in rows])
+    return blocks, kept
+
+
+@keras.saving.register_keras_serializable(package="keras_vit")
+class BigBirdAttention(MultiHeadAttention):
+    """BigBird's block-sparse attention (Zaheer et al. 2020, ITC): tokens in blocks of
+    ``block_size``; a query block attends to the global blocks, a sliding window of
+    ``window`` blocks and ``num_random`` random blocks (seeded), gathered so the cost is
+    O(N x keys per block); global blocks attend to everything. The sequence is padded to
+    whole blocks (padding keys masked). Masks and biases are not taken."""
+
+    def __init__(self, dim, num_heads=8, block_size=16, window=3, num_global=1,
+                 num_random=2, seed=0, **kwargs):
+        super().__init__(dim, num_heads, **kwargs)
+        self.block_size, self.window = int(block_size), int(window)
+        self.num_global, self.num_random, self.seed = int(num_global), int(num_random), int(seed)
+
+    def pattern(self, length):
+        """(key blocks, kept slots, blocks) for a sequence of ``length`` tokens."""
+        num_blocks = -(-length // self.block_size)
+        blocks, kept = bigbird_key_blocks(num_blocks, self.window, self.num_global,
+                                          self.num_random, self.seed)
+        return blocks, kept, num_blocks
+
+    def attend(self, q, k, v, mask=None, bias=None, training=None):
+        if mask is not None or bias is not None:
+            raise ValueError("BigBird attention takes no attention mask or bias")
+        length, heads, d, b = q.shape[2], self.num_heads, self.head_dim, self.block_size
+        if length is None:
+            raise ValueError("BigBird attention needs a static sequence length")
+        blocks, kept, num_blocks = self.pattern(length)
+        pad = num_blocks * b - length
+
+        def blocked(t):  # (B, H, N, d) -> (B*H, blocks, b, d), zero padded
+            t = ops.pad(t, ((0, 0), (0, 0), (0, pad), (0, 0))) if pad else t
+            return ops.reshape(t, (-1, num_blocks, b, d))
+
+        qb, kb, vb = blocked(q * ops.cast(self.scale, q.dtype)), blocked(k), blocked(v)
+        width = blocks.shape[1]
+        # every key slot of every query block: real, not padding, not a filler
+        slot_ok = np.repeat(kept, b, axis=1) & (
+            (blocks[:, :, None] * b + np.arange(b)[None, None, :]).reshape(num_blocks, -1)
+            < length)
+
+        def gathered(t):  # each query block's key blocks side by side: (BH, blocks, K*b, d)
+            return ops.reshape(ops.take(t, blocks.reshape(-1), axis=1),
+                               (-1, num_blocks, width * b, d))
+
+        keys, values = gathered(kb), gathered(vb)
+        logits = ops.matmul(qb, ops.transpose(keys, (0, 1, 3, 2)))  # (BH, blocks, b, K*b)
+        logits = masked_logits(logits, slot_ok[None, :, None, :])
+        attn = self.attn_dropout(ops.softmax(logits, axis=-1), training=training)
+        out = ops.reshape(ops.matmul(attn, values), (-1, heads, num_blocks * b, d))
+        return out[:, :, :length] if pad else out
+
+    def get_config(self):
+        return {**super().get_config(), "block_size": self.block_size, "window": self.window,
+                "num_global": self.num_global, "num_random": self.num_random,
+                "seed": self.seed}
+
+
+ATTENTIONS = {"dense": MultiHeadAttention, "linear": LinearAttention, "topk": TopKAttention,
+              "bigbird": BigBirdAttention}
 
 
 def attention_mixer(kind, dim, num_heads, **kwargs):
     """The token mixer ``kind`` (ATTENTIONS) with MultiHeadAttention's arguments and the
-    kind's own (``k`` of top-k, ``causal`` of linear attention)."""
+    kind's own (``k`` of top-k, ``causal`` of linear attention, BigBird's ``block_size``,
+    ``window``, ``num_global``, ``num_random``, ``seed``)."""
     if kind not in ATTENTIONS:
         raise ValueError(f"attention must be one of {sorted(ATTENTIONS)}, got {kind!r}")
     return ATTENTIONS[kind](dim, num_heads, **kwargs)

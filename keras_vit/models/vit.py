@@ -39,7 +39,7 @@ def vision_transformer(*, img_size=224, patch_size=16, in_chans=3, num_classes=1
     DeiT's distillation token and ``head_dist``; the output is the mean of the
     two heads unless ``distilled_training`` (then [cls_logits, dist_logits]).
     features_only: the token maps of ``out_indices`` blocks as (B, H/p, W/p, D).
-    attention: the blocks' token mixer, "dense" (softmax attention), "linear" or "topk"
+    attention: the blocks' token mixer, "dense" (softmax attention), "linear", "topk" or "bigbird"
     (keras_vit/layers/efficient_attention.py), with ``attention_args`` (e.g. {"k": 32}).
     """
     h, w = check_img_size(img_size, patch_size)
