@@ -63,6 +63,10 @@ def test_bad_flags_fail_before_any_work(tmp_path, args, message):
     (dict(dataset="imagenet"), "--dataset must be"),
     (dict(model="vit_smal_patch16_224"), "closest: vit_small_patch16_224"),
     (dict(batch_size=0), "--batch_size"),
+    (dict(cache_data=True), "--cache_data holds the files of folder:"),  # shapes has none
+    (dict(model="detr_resnet50", dataset="folder:/x"), "--task=detection reads shapes, coco "
+                                                       "or tfrecord"),
+    (dict(model="detr_resnet50", dataset="coco:/no/such.json"), "no such file"),
 ])
 def test_trainer_checks_name_the_flag(change, message):
     from keras_vit.training import TrainConfig

@@ -100,7 +100,7 @@ def validate(config):
         kinds = {"segmentation": ("shapes", "folder", "tfrecord"),
                  "detection": ("shapes", "coco", "tfrecord")}[task]
         need(config.dataset.split(":", 1)[0] in kinds,
-             f"--task={task} reads {' or '.join(kinds)}, got --dataset={config.dataset!r}")
+             f"--task={task} reads {', '.join(kinds[:-1])} or {kinds[-1]}, got --dataset={config.dataset!r}")
         need(not (config.teacher or config.mixup or config.cutmix or config.randaugment
                   or config.label_smoothing),
              "--teacher, --mixup, --cutmix, --randaugment and --label_smoothing are "
