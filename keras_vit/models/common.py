@@ -7,6 +7,7 @@ import keras
 from keras_vit.layers.common import dense, layer_norm
 from keras_vit.layers.embedding import to_2tuple
 from keras_vit.layers.pooling import TokenPool, TokensToMap
+from keras_vit.layers.regularization import LayerDrop
 
 
 def check_img_size(img_size, divisor, what="patch_size"):
@@ -69,16 +70,19 @@ def _itself(out):
 
 
 def transformer_blocks(x, block, depth, drop_path_rate=0.0, *, grid=None, num_prefix_tokens=1,
-                       features_only=False, out_indices=None, tokens=_itself):
+                       features_only=False, out_indices=None, tokens=_itself, layer_drop=0.0):
     """``x`` through ``depth`` blocks ``block(i, drop_path)`` with stochastic depth rising
     linearly. Returns (x, feature maps): with ``features_only``, the (B, gh, gw, D) token
     maps (layers ``feature_i``) after the ``out_indices`` blocks (``resolve_out_indices``,
     default the last 3). ``tokens`` picks the tokens out of a block's output where that
-    holds more (TNT's [pixels, patches])."""
+    holds more (TNT's [pixels, patches]). ``layer_drop``: each whole block skipped with
+    that probability in training (``LayerDrop``; keras_vit.compress.keep_blocks then
+    removes blocks after training)."""
     indices = set(resolve_out_indices(out_indices, depth)) if features_only else ()
     features = []
     for i, dpr in enumerate(drop_path_rates(drop_path_rate, depth)):
-        x = block(i, dpr)(x)
+        computed = block(i, dpr)(x)
+        x = LayerDrop(layer_drop, name=f"layer_drop.{i}")([x, computed]) if layer_drop else computed
         if i in indices:
             features.append(TokensToMap(grid, num_prefix_tokens, name=f"feature_{i}")(tokens(x)))
     return x, features

@@ -29,7 +29,7 @@ def vision_transformer(*, img_size=224, patch_size=16, in_chans=3, num_classes=1
                        distilled=False, distilled_training=False, drop_rate=0.0,
                        attn_drop_rate=0.0, drop_path_rate=0.0, init_values=None,
                        fc_norm=None, norm_first=True, features_only=False, out_indices=None,
-                       attention="dense", attention_args=None, name="vit"):
+                       attention="dense", attention_args=None, layer_drop=0.0, name="vit"):
     """Builds a ViT (or, with ``distilled=True``, a distilled DeiT) as a functional model.
 
     global_pool: "token" ([CLS] then final norm, ViT) or "avg" (mean of patch
@@ -41,6 +41,8 @@ def vision_transformer(*, img_size=224, patch_size=16, in_chans=3, num_classes=1
     features_only: the token maps of ``out_indices`` blocks as (B, H/p, W/p, D).
     attention: the blocks' token mixer, "dense" (softmax attention), "linear", "topk" or "bigbird"
     (keras_vit/layers/efficient_attention.py), with ``attention_args`` (e.g. {"k": 32}).
+    layer_drop: LayerDrop's probability of skipping each whole block in training
+    (``keras_vit.compress.keep_blocks`` keeps any subset at inference).
     """
     h, w = check_img_size(img_size, patch_size)
     check_in_chans(in_chans)
@@ -54,7 +56,8 @@ def vision_transformer(*, img_size=224, patch_size=16, in_chans=3, num_classes=1
         distilled_training=distilled_training, drop_rate=drop_rate,
         attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, init_values=init_values,
         fc_norm=fc_norm, norm_first=norm_first, features_only=features_only,
-        out_indices=out_indices, attention=attention, attention_args=attention_args, name=name)
+        out_indices=out_indices, attention=attention, attention_args=attention_args,
+        layer_drop=layer_drop, name=name)
 
 
 def vit_on_tokens(inputs, tokens, grid, *, num_classes=1000, depth=12, num_heads=12,
@@ -63,7 +66,8 @@ def vit_on_tokens(inputs, tokens, grid, *, num_classes=1000, depth=12, num_heads
                   drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, init_values=None,
                   fc_norm=None, norm_first=True, norm_eps=1e-6, token_std=1e-6,
                   position_embedding=PositionEmbedding, head_drop=True, features_only=False,
-                  out_indices=None, attention="dense", attention_args=None, name="vit"):
+                  out_indices=None, attention="dense", attention_args=None, layer_drop=0.0,
+                  name="vit"):
     """The ViT on the (B, gh*gw, D) patch tokens of any stem (ViT's linear patch embedding,
     ViT_C's conv stem, T2T's tokens-to-token module), as a functional model: prefix
     tokens, ``position_embedding`` (a layer class called as ``(grid, num_prefix_tokens,
@@ -98,7 +102,7 @@ def vit_on_tokens(inputs, tokens, grid, *, num_classes=1000, depth=12, num_heads
 
     x, features = transformer_blocks(x, block, depth, drop_path_rate, grid=grid,
                                      num_prefix_tokens=num_prefix, features_only=features_only,
-                                     out_indices=out_indices)
+                                     out_indices=out_indices, layer_drop=layer_drop)
     if features_only:
         return keras.Model(inputs, features, name=name)
 

@@ -1,0 +1,66 @@
+"""Compression (keras_vit/compress/): LayerDrop in training and the shallower model it
+allows, checked against a model built at that depth with the kept blocks' weights."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import keras_vit
+from keras_vit.compress import every_other_block, keep_blocks
+from keras_vit.export import export_tflite
+
+SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
+
+
+def test_every_other_block():
+    assert every_other_block(12, 6) == [0, 2, 4, 6, 8, 10]
+    assert every_other_block(4, 4) == [0, 1, 2, 3] and every_other_block(5, 1) == [0]
+    with pytest.raises(ValueError, match="keep must be in 1..4"):
+        every_other_block(4, 0)
+
+
+def test_layer_drop_skips_whole_blocks_in_training_only():
+    model = keras_vit.create_model("deit_tiny_patch16_224", layer_drop=1.0, **SMALL)
+    plain = keras_vit.create_model("deit_tiny_patch16_224", **SMALL)
+    plain.set_weights(model.get_weights())  # LayerDrop has no weights: the same model
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(model(x, training=False), plain(x, training=False), atol=1e-6)
+    # rate 1: in training every block passes its input on, as a graph without them does
+    without = keras.models.clone_model(
+        plain, clone_function=lambda layer: layer,
+        call_function=lambda layer, *a, **k: a[0] if layer.name.startswith("blocks.")
+        else layer(*a, **k))
+    skipped = keras.ops.convert_to_numpy(model(x, training=True))
+    np.testing.assert_allclose(skipped, without(x, training=False), atol=1e-6)
+    assert not np.allclose(skipped, plain(x, training=False), atol=1e-4)
+
+
+def test_kept_blocks_equal_a_shallower_model_with_their_weights(tmp_path):
+    model = keras_vit.create_model("deit_small_patch16_224", layer_drop=0.2, **SMALL)
+    keep = every_other_block(4, 2)  # blocks 0 and 2
+    pruned = keep_blocks(model, keep)
+    assert len(pruned.weights) < len(model.weights)
+    assert keras_vit.models.common.count_parameters(pruned) < \
+        keras_vit.models.common.count_parameters(model)
+    # the direct reading: a depth-2 model, block i given block keep[i]'s weights
+    direct = keras_vit.create_model("deit_small_patch16_224", **dict(SMALL, depth=2))
+    source = {layer.name: layer for layer in model.layers}
+    for layer in direct.layers:
+        twin = (source[f"blocks.{keep[int(layer.name.split('.')[1])]}"]
+                if layer.name.startswith("blocks.") else source.get(layer.name))
+        if twin is not None and layer.weights:
+            layer.set_weights(twin.get_weights())
+    x = np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
+    y = keras.ops.convert_to_numpy(pruned(x))
+    np.testing.assert_allclose(y, keras.ops.convert_to_numpy(direct(x)), atol=1e-5)
+    # an ordinary model: .keras round trip and a builtin-only TFLite file that matches
+    path = os.path.join(tmp_path, "pruned.keras")
+    pruned.save(path)
+    np.testing.assert_allclose(keras.saving.load_model(path)(x), y, atol=1e-6)
+    report = export_tflite(pruned, os.path.join(tmp_path, "pruned.tflite"),
+                           representative_data=x)
+    assert report["max_abs_diff"] < 1e-4
+    with pytest.raises(ValueError, match="subset of the blocks 0..3"):
+        keep_blocks(model, [0, 7])
