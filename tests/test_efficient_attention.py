@@ -11,7 +11,8 @@ import pytest
 import keras_vit
 from keras_vit.export import export_tflite
 from keras_vit.layers.efficient_attention import (BigBirdAttention, LinearAttention,
-                                                  TopKAttention, bigbird_key_blocks)
+                                                  LongShortRangeAttention, TopKAttention,
+                                                  bigbird_key_blocks)
 
 
 def _qkv(layer, x):
@@ -118,6 +119,35 @@ def test_bigbird_attention_is_its_formula(length):
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
 
 
+def _np(t):
+    return keras.ops.convert_to_numpy(t)
+
+
+def test_lsra_is_attention_on_half_and_a_lightweight_convolution_on_the_other():
+    layer = LongShortRangeAttention(16, 2, kernel_size=3, conv_heads=2)
+    x = np.random.default_rng(5).standard_normal((2, 6, 16)).astype("float32")
+    out = _np(layer(x))
+    # global half: the attention layer's own formula (tested above) on channels 0..7
+    np.testing.assert_allclose(out[..., :8], _np(layer.attn(x[..., :8])), atol=1e-6)
+    # local half, by hand: linear, GLU, per-group softmax taps summed over tokens t-1..t+1
+    # (zero outside), linear
+    w_in, b_in = (_np(w) for w in layer.conv_in.weights)
+    w_out, b_out = (_np(w) for w in layer.conv_out.weights)
+    h = x[..., 8:] @ w_in + b_in
+    glu = h[..., :8] * (1 / (1 + np.exp(-h[..., 8:])))
+    raw = _np(layer.conv_weight)
+    taps = np.exp(raw) / np.exp(raw).sum(-1, keepdims=True)  # (groups, 3)
+    conv = np.zeros_like(glu)
+    for b in range(2):
+        for t in range(6):
+            for c in range(8):
+                group = c // 4
+                for j, offset in enumerate((-1, 0, 1)):
+                    if 0 <= t + offset < 6:
+                        conv[b, t, c] += taps[group, j] * glu[b, t + offset, c]
+    np.testing.assert_allclose(out[..., 8:], conv @ w_out + b_out, rtol=1e-4, atol=1e-5)
+
+
 def test_linear_attention_refuses_masks():
     layer = LinearAttention(8, 2)
     x = np.zeros((1, 3, 8), "float32")
@@ -130,17 +160,19 @@ def test_unknown_attention_is_named():
         keras_vit.create_model("deit_tiny_patch16_224", attention="sparse", depth=1)
 
 
-@pytest.mark.parametrize("kind,args", [("linear", None), ("topk", {"k": 8}),
-                                       ("bigbird", {"block_size": 2, "num_random": 1})])
-def test_deit_with_efficient_attention_saves_exports_and_loads_dense_weights(tmp_path, kind,
-                                                                            args):
-    small = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                 num_classes=5)
+MIXERS = [("linear", None), ("topk", {"k": 8}), ("bigbird", {"block_size": 2, "num_random": 1}),
+          ("lsra", {"kernel_size": 3})]
+SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+
+
+@pytest.mark.parametrize("kind,args", MIXERS)
+def test_deit_with_efficient_attention_round_trips(tmp_path, kind, args):
     model = keras_vit.create_model("deit_small_patch16_224", attention=kind,
-                                   attention_args=args, **small)
-    dense = keras_vit.create_model("deit_small_patch16_224", **small)
-    assert [w.path for w in model.weights] == [w.path for w in dense.weights]
-    model.set_weights(dense.get_weights())  # a dense checkpoint is a valid start
+                                   attention_args=args, **SMALL)
+    dense = keras_vit.create_model("deit_small_patch16_224", **SMALL)
+    if kind != "lsra":  # LSRA's weights are its own
+        assert [w.path for w in model.weights] == [w.path for w in dense.weights]
+        model.set_weights(dense.get_weights())  # a dense checkpoint is a valid start
     x = np.random.default_rng(2).uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
     y = keras.ops.convert_to_numpy(model(x))
     y_dense = keras.ops.convert_to_numpy(dense(x))
@@ -149,6 +181,17 @@ def test_deit_with_efficient_attention_saves_exports_and_loads_dense_weights(tmp
     model.save(path)
     loaded = keras.saving.load_model(path)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)), y, atol=1e-6)
-    report = export_tflite(model, os.path.join(tmp_path, "m.tflite"),
+
+
+def test_every_mixer_exports_to_builtin_tflite(tmp_path):
+    """One file holding a block of each kind (one conversion instead of four)."""
+    tokens = keras.Input((18, 32))
+    h = tokens
+    for i, (kind, args) in enumerate(MIXERS):
+        h = keras_vit.layers.TransformerBlock(32, 2, attention=kind, attention_args=args,
+                                              name=f"blocks.{i}")(h)
+    model = keras.Model(tokens, h)
+    x = np.random.default_rng(3).standard_normal((1, 18, 32)).astype("float32")
+    report = export_tflite(model, os.path.join(tmp_path, "mixers.tflite"),
                            representative_data=x)
     assert report["max_abs_diff"] < 1e-4, report

@@ -1,5 +1,6 @@
-"""The survey's efficient token mixers, each a drop-in for ``MultiHeadAttention``: the same
-``qkv`` and ``proj`` weights (a dense model's weights load into them), another ``attend``.
+"""The survey's efficient token mixers, each a drop-in for ``MultiHeadAttention`` in a block.
+The attention variants keep its ``qkv`` and ``proj`` weights (a dense model's weights load
+into them) and replace ``attend``; LSRA has weights of its own.
 
 - ``LinearAttention`` (Katharopoulos et al. 2020, "Transformers are RNNs"): softmax(QK^T)V
   replaced by phi(Q) (phi(K)^T V) / (phi(Q) sum_j phi(K_j)), phi(x) = elu(x) + 1: O(N d^2)
@@ -7,6 +8,8 @@
 - ``TopKAttention`` (KVT, Wang et al. 2021): each query keeps its k largest scores; the
   others get no weight. Still O(N^2) to score, but the weights are sparse.
 - ``BigBirdAttention`` (Zaheer et al. 2020): block-sparse, window + global + random blocks.
+- ``LongShortRangeAttention`` (Lite Transformer, Wu et al. 2020): half the channels through
+  attention, half through a GLU + lightweight convolution branch (weights of its own).
 """
 
 import keras
@@ -14,6 +17,7 @@ import numpy as np
 from keras import ops
 
 from keras_vit.layers.attention import MultiHeadAttention, masked_logits
+from keras_vit.layers.common import dense
 
 
 def elu_feature_map(x):
@@ -158,8 +162,74 @@ class BigBirdAttention(MultiHeadAttention):
                 "seed": self.seed}
 
 
+@keras.saving.register_keras_serializable(package="keras_vit")
+class LongShortRangeAttention(keras.layers.Layer):
+    """Lite Transformer's long-short range attention (LSRA, Wu et al. 2020): the channels
+    split in two halves; the first goes through multi-head attention (global context), the
+    second through the convolution branch (local context: a linear layer to twice its
+    width, GLU, a lightweight convolution over the tokens, a linear layer); the two halves
+    are concatenated (the block's MLP mixes them). The lightweight convolution is
+    depthwise, ``kernel_size`` taps softmax-normalised and shared by the channels of each of
+    ``conv_heads`` groups (fairseq's LightweightConv, weight_softmax=True), zero-padded to
+    keep the length. Its weights are its own, not the dense layer's."""
+
+    def __init__(self, dim, num_heads=8, kernel_size=3, conv_heads=None, qkv_bias=True,
+                 attn_drop=0.0, proj_drop=0.0, **kwargs):
+        super().__init__(**kwargs)
+        if dim % 2 or (dim // 2) % num_heads:
+            raise ValueError(f"LSRA splits dim {dim} in halves of whole heads: dim/2 must "
+                             f"be divisible by num_heads {num_heads}")
+        self.dim, self.num_heads, self.kernel_size = int(dim), int(num_heads), int(kernel_size)
+        self.conv_heads = int(conv_heads or num_heads)
+        half = self.dim // 2
+        if half % self.conv_heads:
+            raise ValueError(f"dim/2 {half} must be divisible by conv_heads {self.conv_heads}")
+        self.qkv_bias, self.attn_drop, self.proj_drop = bool(qkv_bias), attn_drop, proj_drop
+        self.attn = MultiHeadAttention(half, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                                       proj_drop=proj_drop, name="attn")
+        self.conv_in = dense(2 * half, name="conv_in")  # GLU: values and gates
+        self.conv_out = dense(half, name="conv_out")
+
+    def build(self, x_shape, *args):
+        half = self.dim // 2
+        branch = tuple(x_shape[:-1]) + (half,)
+        self.attn.build(branch)
+        self.conv_in.build(branch)
+        self.conv_out.build(branch)
+        self.conv_weight = self.add_weight(name="conv_weight",
+                                           shape=(self.conv_heads, self.kernel_size),
+                                           initializer="glorot_uniform")
+
+    def lightweight_conv(self, x):
+        """(B, N, C) -> (B, N, C): per channel group, softmax(taps) convolved over tokens."""
+        channels = x.shape[-1]
+        taps = ops.softmax(self.conv_weight, axis=-1)  # (heads, K)
+        kernel = ops.repeat(ops.transpose(taps), channels // self.conv_heads, axis=1)
+        kernel = ops.reshape(kernel, (self.kernel_size, 1, channels, 1))
+        out = ops.depthwise_conv(ops.expand_dims(x, 2), kernel, padding="same")
+        return ops.squeeze(out, 2)
+
+    def call(self, x, attention_mask=None, bias=None, training=None):
+        half = self.dim // 2
+        global_part = self.attn(x[..., :half], attention_mask=attention_mask, bias=bias,
+                                training=training)
+        values_gates = self.conv_in(x[..., half:])
+        local = values_gates[..., :half] * ops.sigmoid(values_gates[..., half:])  # GLU
+        local = self.conv_out(self.lightweight_conv(local))
+        return ops.concatenate([global_part, local], axis=-1)
+
+    def compute_output_shape(self, input_shape, *args, **kwargs):
+        return tuple(input_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "dim": self.dim, "num_heads": self.num_heads,
+                "kernel_size": self.kernel_size, "conv_heads": self.conv_heads,
+                "qkv_bias": self.qkv_bias, "attn_drop": self.attn_drop,
+                "proj_drop": self.proj_drop}
+
+
 ATTENTIONS = {"dense": MultiHeadAttention, "linear": LinearAttention, "topk": TopKAttention,
-              "bigbird": BigBirdAttention}
+              "bigbird": BigBirdAttention, "lsra": LongShortRangeAttention}
 
 
 def attention_mixer(kind, dim, num_heads, **kwargs):
