@@ -8,10 +8,24 @@ import numpy as np
 import pytest
 
 import keras_vit
-from keras_vit.compress import every_other_block, keep_blocks
+from keras_vit.compress import energy_rank, every_other_block, factorize_dense, keep_blocks
 from keras_vit.export import export_tflite
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
+
+
+def assert_equal_and_ordinary(compressed, direct, tmp_path):
+    """``compressed`` gives ``direct``'s outputs and is an ordinary model: a .keras round
+    trip and a builtin-only TFLite file that match."""
+    x = np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
+    y = keras.ops.convert_to_numpy(compressed(x))
+    np.testing.assert_allclose(y, keras.ops.convert_to_numpy(direct(x)), atol=1e-5)
+    path = os.path.join(tmp_path, "compressed.keras")
+    compressed.save(path)
+    np.testing.assert_allclose(keras.saving.load_model(path)(x), y, atol=1e-6)
+    report = export_tflite(compressed, os.path.join(tmp_path, "compressed.tflite"),
+                           representative_data=x)
+    assert report["max_abs_diff"] < 1e-4
 
 
 def test_every_other_block():
@@ -52,15 +66,39 @@ def test_kept_blocks_equal_a_shallower_model_with_their_weights(tmp_path):
                 if layer.name.startswith("blocks.") else source.get(layer.name))
         if twin is not None and layer.weights:
             layer.set_weights(twin.get_weights())
-    x = np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
-    y = keras.ops.convert_to_numpy(pruned(x))
-    np.testing.assert_allclose(y, keras.ops.convert_to_numpy(direct(x)), atol=1e-5)
-    # an ordinary model: .keras round trip and a builtin-only TFLite file that matches
-    path = os.path.join(tmp_path, "pruned.keras")
-    pruned.save(path)
-    np.testing.assert_allclose(keras.saving.load_model(path)(x), y, atol=1e-6)
-    report = export_tflite(pruned, os.path.join(tmp_path, "pruned.tflite"),
-                           representative_data=x)
-    assert report["max_abs_diff"] < 1e-4
+    assert_equal_and_ordinary(pruned, direct, tmp_path)
     with pytest.raises(ValueError, match="subset of the blocks 0..3"):
         keep_blocks(model, [0, 7])
+
+
+def test_energy_rank_and_truncated_factors():
+    from keras_vit.compress.low_rank import truncated_factors
+
+    assert energy_rank(np.array([3.0, 2.0, 1.0]), 0.9) == 2  # 9 + 4 = 13 of 14 >= 0.9
+    assert energy_rank(np.array([3.0, 2.0, 1.0]), 1.0) == 3
+    w = np.random.default_rng(0).standard_normal((6, 4))
+    a, b = truncated_factors(w, 4)
+    np.testing.assert_allclose(a @ b, w, atol=1e-10)  # full rank: exact
+
+
+def test_factorised_model_is_the_truncated_svd_of_each_kernel(tmp_path):
+    model = keras_vit.create_model("deit_small_patch16_224", **SMALL)
+    small, ranks = factorize_dense(model, energy=0.9)
+    assert set(ranks) == {f"blocks.{i}" for i in range(4)}
+    assert keras_vit.models.common.count_parameters(small) < \
+        keras_vit.models.common.count_parameters(model)
+    # the direct reading: the dense model with every factorised kernel replaced by its
+    # best rank-r approximation, r the fewest singular values keeping 90% of the energy
+    direct = keras_vit.create_model("deit_small_patch16_224", **SMALL)
+    direct.set_weights(model.get_weights())
+    for name, layer_ranks in ranks.items():
+        block = direct.get_layer(name)
+        for key, rank in layer_ranks.items():
+            dense = {"qkv": block.attn.qkv, "proj": block.attn.proj, "fc1": block.mlp.fc1,
+                     "fc2": block.mlp.fc2}[key]
+            w = keras.ops.convert_to_numpy(dense.kernel)
+            u, s, vt = np.linalg.svd(w, full_matrices=False)
+            assert rank == int(np.argmax(np.cumsum(s ** 2) / np.sum(s ** 2) >= 0.9 - 1e-12)) + 1
+            dense.kernel.assign((u[:, :rank] * s[:rank]) @ vt[:rank])
+    assert_equal_and_ordinary(small, direct, tmp_path)
+    assert factorize_dense(model, energy=1.0)[1] == {}  # full rank saves nothing: untouched

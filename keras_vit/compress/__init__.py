@@ -2,5 +2,6 @@
 survey's efficient-transformer techniques applied after (or during) training."""
 
 from keras_vit.compress.layers import every_other_block, keep_blocks
+from keras_vit.compress.low_rank import energy_rank, factorize_dense
 
-__all__ = ["every_other_block", "keep_blocks"]
+__all__ = ["energy_rank", "every_other_block", "factorize_dense", "keep_blocks"]

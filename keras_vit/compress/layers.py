@@ -46,5 +46,5 @@ def keep_blocks(model, keep, prefix="blocks.", name=None):
 
     pruned = keras.models.clone_model(model, clone_function=lambda layer: layer,
                                       call_function=call)
-    return keras.Model(pruned.inputs, pruned.outputs,
+    return keras.Model(pruned.input, pruned.output,
                        name=name or f"{model.name}_{len(keep)}of{len(blocks)}_blocks")

@@ -39,7 +39,7 @@ class MultiHeadAttention(keras.layers.Layer):
     """
 
     def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0,
-                 cross=False, head_dim=None, **kwargs):
+                 cross=False, head_dim=None, ranks=None, **kwargs):
         super().__init__(**kwargs)
         self.dim = int(dim)
         self.num_heads = int(num_heads)
@@ -52,13 +52,15 @@ class MultiHeadAttention(keras.layers.Layer):
         self.attn_drop = float(attn_drop)
         self.proj_drop = float(proj_drop)
         self.cross = bool(cross)
+        self.ranks = dict(ranks or {})  # factorised linear layers: {"qkv": r, "proj": r}
         if self.cross:
             self.q = dense(self.inner_dim, use_bias=qkv_bias, name="q")
             self.kv = dense(2 * self.inner_dim, use_bias=qkv_bias, name="kv")
         else:
-            self.qkv = dense(3 * self.inner_dim, use_bias=qkv_bias, name="qkv")
+            self.qkv = dense(3 * self.inner_dim, use_bias=qkv_bias, name="qkv",
+                             rank=self.ranks.get("qkv"))
         self.attn_dropout = keras.layers.Dropout(self.attn_drop)
-        self.proj = dense(self.dim, name="proj")
+        self.proj = dense(self.dim, name="proj", rank=self.ranks.get("proj"))
         self.proj_dropout = keras.layers.Dropout(self.proj_drop)
 
     def build(self, x_shape, context_shape=None):
@@ -108,4 +110,5 @@ class MultiHeadAttention(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "dim": self.dim, "num_heads": self.num_heads,
                 "qkv_bias": self.qkv_bias, "attn_drop": self.attn_drop,
-                "proj_drop": self.proj_drop, "cross": self.cross, "head_dim": self.head_dim}
+                "proj_drop": self.proj_drop, "cross": self.cross, "head_dim": self.head_dim,
+                **({"ranks": self.ranks} if self.ranks else {})}

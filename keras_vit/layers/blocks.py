@@ -115,17 +115,22 @@ class TransformerBlock(ResidualBlock):
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop=0.0, attn_drop=0.0,
                  drop_path=0.0, init_values=None, norm_first=True, norm_eps=1e-6, act="gelu",
-                 attention="dense", attention_args=None, **kwargs):
+                 attention="dense", attention_args=None, ranks=None, **kwargs):
+        ranks = dict(ranks or {})  # factorised linear layers by name: qkv, proj, fc1, fc2
+        attn_ranks = {k: ranks[k] for k in ("qkv", "proj") if k in ranks}
         super().__init__(
             attention_mixer(attention, dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
-                            proj_drop=drop, name="attn", **(attention_args or {})),
-            Mlp(int(dim * mlp_ratio), act=act, drop=drop, name="mlp"),
+                            proj_drop=drop, name="attn", **(attention_args or {}),
+                            **({"ranks": attn_ranks} if attn_ranks else {})),
+            Mlp(int(dim * mlp_ratio), act=act, drop=drop, name="mlp",
+                ranks={k: ranks[k] for k in ("fc1", "fc2") if k in ranks}),
             norm_eps=norm_eps, norm_first=norm_first, init_values=init_values,
             drop_path=drop_path, **kwargs)
         self.dim, self.num_heads, self.mlp_ratio = int(dim), int(num_heads), float(mlp_ratio)
         self.qkv_bias, self.drop, self.attn_drop = bool(qkv_bias), float(drop), float(attn_drop)
         self.act = act
         self.attention, self.attention_args = attention, dict(attention_args or {})
+        self.ranks = ranks
 
     def get_config(self):
         config = self.block_config()
@@ -134,7 +139,8 @@ class TransformerBlock(ResidualBlock):
         return {**config, "dim": self.dim, "num_heads": self.num_heads,
                 "mlp_ratio": self.mlp_ratio, "qkv_bias": self.qkv_bias, "drop": self.drop,
                 "attn_drop": self.attn_drop, "act": self.act, "attention": self.attention,
-                "attention_args": self.attention_args}
+                "attention_args": self.attention_args,
+                **({"ranks": self.ranks} if self.ranks else {})}
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")

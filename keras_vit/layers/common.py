@@ -10,10 +10,42 @@ def trunc_normal(stddev=0.02):
     return keras.initializers.TruncatedNormal(stddev=stddev)
 
 
-def dense(units, use_bias=True, name=None):
-    """Linear layer with timm's init: trunc_normal(std=.02) weights, zero bias."""
+def dense(units, use_bias=True, name=None, rank=None):
+    """Linear layer with timm's init: trunc_normal(std=.02) weights, zero bias. With
+    ``rank``: the factorised ``LowRankDense`` (keras_vit.compress.factorize_dense)."""
+    if rank:
+        return LowRankDense(units, rank, use_bias=use_bias, name=name)
     return keras.layers.Dense(units, use_bias=use_bias, kernel_initializer=trunc_normal(),
                               bias_initializer="zeros", name=name)
+
+
+@keras.saving.register_keras_serializable(package="keras_vit")
+class LowRankDense(keras.layers.Layer):
+    """y = (x A) B + b with A (in, rank) and B (rank, units): a Dense layer whose kernel is
+    factorised, rank (in + units) weights instead of in x units."""
+
+    def __init__(self, units, rank, use_bias=True, **kwargs):
+        super().__init__(**kwargs)
+        self.units, self.rank, self.use_bias = int(units), int(rank), bool(use_bias)
+
+    def build(self, input_shape):
+        self.kernel_a = self.add_weight(name="kernel_a", shape=(input_shape[-1], self.rank),
+                                        initializer=trunc_normal())
+        self.kernel_b = self.add_weight(name="kernel_b", shape=(self.rank, self.units),
+                                        initializer=trunc_normal())
+        self.bias = (self.add_weight(name="bias", shape=(self.units,), initializer="zeros")
+                     if self.use_bias else None)
+
+    def call(self, x):
+        y = ops.matmul(ops.matmul(x, self.kernel_a), self.kernel_b)
+        return y + self.bias if self.bias is not None else y
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.units,)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "rank": self.rank,
+                "use_bias": self.use_bias}
 
 
 def layer_norm(eps=1e-6, name=None):

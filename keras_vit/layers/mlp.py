@@ -12,14 +12,17 @@ class Mlp(keras.layers.Layer):
     ``act="gelu"`` is the exact erf form, as torch's nn.GELU.
     """
 
-    def __init__(self, hidden_features, out_features=None, act="gelu", drop=0.0, bias=True, **kwargs):
+    def __init__(self, hidden_features, out_features=None, act="gelu", drop=0.0, bias=True,
+                 ranks=None, **kwargs):
         super().__init__(**kwargs)
+        self.ranks = dict(ranks or {})  # factorised linear layers: {"fc1": r, "fc2": r}
         self.hidden_features = int(hidden_features)
         self.out_features = out_features
         self.act = act
         self.drop = float(drop)
         self.bias = bias
-        self.fc1 = dense(self.hidden_features, use_bias=bias, name="fc1")
+        self.fc1 = dense(self.hidden_features, use_bias=bias, name="fc1",
+                         rank=self.ranks.get("fc1"))
         self.act_fn = activation(act)
         self.drop1 = keras.layers.Dropout(self.drop)
         self.fc2 = None  # width known at build time when out_features is None
@@ -27,7 +30,7 @@ class Mlp(keras.layers.Layer):
 
     def build(self, input_shape):
         out = self.out_features or input_shape[-1]
-        self.fc2 = dense(out, use_bias=self.bias, name="fc2")
+        self.fc2 = dense(out, use_bias=self.bias, name="fc2", rank=self.ranks.get("fc2"))
         self.fc1.build(input_shape)
         self.fc2.build(tuple(input_shape[:-1]) + (self.hidden_features,))
 
@@ -41,4 +44,4 @@ class Mlp(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "hidden_features": self.hidden_features,
                 "out_features": self.out_features, "act": self.act, "drop": self.drop,
-                "bias": self.bias}
+                "bias": self.bias, **({"ranks": self.ranks} if self.ranks else {})}
