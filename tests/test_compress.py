@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 import keras_vit
-from keras_vit.compress import energy_rank, every_other_block, factorize_dense, keep_blocks
+from keras_vit.compress import (energy_rank, every_other_block, factorize_dense,
+                                head_gate_gradients, head_importance, keep_blocks,
+                                least_important_heads_removed, prune_heads)
 from keras_vit.export import export_tflite
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
@@ -102,3 +104,63 @@ def test_factorised_model_is_the_truncated_svd_of_each_kernel(tmp_path):
             dense.kernel.assign((u[:, :rank] * s[:rank]) @ vt[:rank])
     assert_equal_and_ordinary(small, direct, tmp_path)
     assert factorize_dense(model, energy=1.0)[1] == {}  # full rank saves nothing: untouched
+
+
+def _proj_rows(block, head):
+    d = block.attn.head_dim
+    return slice(head * d, (head + 1) * d)
+
+
+def test_head_gate_gradient_is_the_loss_slope_of_scaling_that_head():
+    model = keras_vit.create_model("deit_small_patch16_224", **SMALL)
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-1, 1, (4, 32, 32, 3)).astype("float32")
+    y = np.array([0, 1, 2, 3])
+    grads = head_gate_gradients(model, x, y)
+    assert set(grads) == {f"blocks.{i}" for i in range(4)} and grads["blocks.0"].shape == (2,)
+
+    def loss_with_gate(block, head, gate):  # the head's output scaled by ``gate``
+        kernel = block.attn.proj.kernel
+        saved = keras.ops.convert_to_numpy(kernel)
+        scaled = saved.copy()
+        scaled[_proj_rows(block, head)] *= gate
+        kernel.assign(scaled)
+        logits = model(x)
+        kernel.assign(saved)
+        return float(np.mean(keras.losses.sparse_categorical_crossentropy(
+            y, logits, from_logits=True)))
+
+    for name, head in (("blocks.0", 1), ("blocks.3", 0)):
+        block, eps = model.get_layer(name), 0.05
+        slope = (loss_with_gate(block, head, 1 + eps) - loss_with_gate(block, head, 1 - eps)) / (
+            2 * eps)
+        assert abs(slope) > 1e-4  # a real slope, not two zeros agreeing
+        np.testing.assert_allclose(grads[name][head], slope, rtol=0.05)
+    importance = head_importance(model, [(x, y), (x[::-1], y[::-1])])
+    for v in importance.values():
+        np.testing.assert_allclose(np.linalg.norm(v), 1.0, rtol=1e-5)
+
+
+def test_pruned_heads_equal_the_model_with_their_outputs_zeroed(tmp_path):
+    model = keras_vit.create_model("deit_small_patch16_224", **dict(SMALL, num_heads=4))
+    importance = {"blocks.0": np.array([0.9, 0.1, 0.5, 0.2]), "blocks.1": np.array([1, 1, 1, 1]),
+                  "blocks.2": np.array([0.3, 0.4, 0.6, 0.7]), "blocks.3": np.array([1, 1, 1, 1])}
+    keep = least_important_heads_removed(importance, fraction=0.25)  # 4 of 16 heads
+    assert keep["blocks.0"] == [0, 2] and keep["blocks.2"] == [2, 3]
+    assert keep["blocks.1"] == keep["blocks.3"] == [0, 1, 2, 3]
+    pruned = prune_heads(model, keep)
+    assert pruned.get_layer("blocks.0").get_config()["num_heads"] == 2
+    assert keras_vit.models.common.count_parameters(pruned) < \
+        keras_vit.models.common.count_parameters(model)
+    # the direct reading: the unpruned model whose removed heads' outputs are zeroed
+    direct = keras_vit.create_model("deit_small_patch16_224", **dict(SMALL, num_heads=4))
+    direct.set_weights(model.get_weights())
+    for name, kept in keep.items():
+        block = direct.get_layer(name)
+        kernel = keras.ops.convert_to_numpy(block.attn.proj.kernel).copy()
+        for head in set(range(4)) - set(kept):
+            kernel[_proj_rows(block, head)] = 0
+        block.attn.proj.kernel.assign(kernel)
+    assert_equal_and_ordinary(pruned, direct, tmp_path)
+    with pytest.raises(ValueError, match="non-empty subset of its heads 0..3"):
+        prune_heads(model, {"blocks.0": []})

@@ -1,7 +1,10 @@
 """Compression that yields a smaller, ordinary Keras model (saves, loads, exports): the
 survey's efficient-transformer techniques applied after (or during) training."""
 
+from keras_vit.compress.heads import (head_gate_gradients, head_importance,
+                                     least_important_heads_removed, prune_heads)
 from keras_vit.compress.layers import every_other_block, keep_blocks
 from keras_vit.compress.low_rank import energy_rank, factorize_dense
 
-__all__ = ["energy_rank", "every_other_block", "factorize_dense", "keep_blocks"]
+__all__ = ["energy_rank", "every_other_block", "factorize_dense", "head_gate_gradients",
+           "head_importance", "keep_blocks", "least_important_heads_removed", "prune_heads"]

@@ -115,13 +115,15 @@ class TransformerBlock(ResidualBlock):
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop=0.0, attn_drop=0.0,
                  drop_path=0.0, init_values=None, norm_first=True, norm_eps=1e-6, act="gelu",
-                 attention="dense", attention_args=None, ranks=None, **kwargs):
+                 attention="dense", attention_args=None, ranks=None, head_dim=None,
+                 **kwargs):
         ranks = dict(ranks or {})  # factorised linear layers by name: qkv, proj, fc1, fc2
         attn_ranks = {k: ranks[k] for k in ("qkv", "proj") if k in ranks}
+        extra = dict(attention_args or {}, **({"ranks": attn_ranks} if attn_ranks else {}),
+                     **({"head_dim": head_dim} if head_dim else {}))  # pruned heads
         super().__init__(
             attention_mixer(attention, dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
-                            proj_drop=drop, name="attn", **(attention_args or {}),
-                            **({"ranks": attn_ranks} if attn_ranks else {})),
+                            proj_drop=drop, name="attn", **extra),
             Mlp(int(dim * mlp_ratio), act=act, drop=drop, name="mlp",
                 ranks={k: ranks[k] for k in ("fc1", "fc2") if k in ranks}),
             norm_eps=norm_eps, norm_first=norm_first, init_values=init_values,
@@ -130,7 +132,7 @@ class TransformerBlock(ResidualBlock):
         self.qkv_bias, self.drop, self.attn_drop = bool(qkv_bias), float(drop), float(attn_drop)
         self.act = act
         self.attention, self.attention_args = attention, dict(attention_args or {})
-        self.ranks = ranks
+        self.ranks, self.head_dim = ranks, head_dim
 
     def get_config(self):
         config = self.block_config()
@@ -140,7 +142,8 @@ class TransformerBlock(ResidualBlock):
                 "mlp_ratio": self.mlp_ratio, "qkv_bias": self.qkv_bias, "drop": self.drop,
                 "attn_drop": self.attn_drop, "act": self.act, "attention": self.attention,
                 "attention_args": self.attention_args,
-                **({"ranks": self.ranks} if self.ranks else {})}
+                **({"ranks": self.ranks} if self.ranks else {}),
+                **({"head_dim": self.head_dim} if self.head_dim else {})}
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
