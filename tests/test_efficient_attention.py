@@ -10,9 +10,9 @@ import pytest
 
 import keras_vit
 from keras_vit.export import export_tflite
-from keras_vit.layers.efficient_attention import (BigBirdAttention, LinearAttention,
-                                                  LongShortRangeAttention, TopKAttention,
-                                                  bigbird_key_blocks)
+from keras_vit.layers.efficient_attention import (BigBirdAttention, HamburgerMixer,
+                                                  LinearAttention, LongShortRangeAttention,
+                                                  TopKAttention, bigbird_key_blocks)
 
 
 def _qkv(layer, x):
@@ -148,6 +148,38 @@ def test_lsra_is_attention_on_half_and_a_lightweight_convolution_on_the_other():
     np.testing.assert_allclose(out[..., 8:], conv @ w_out + b_out, rtol=1e-4, atol=1e-5)
 
 
+def nmf_direct(x, bases, steps, eps=1e-6):
+    """Lee-Seung multiplicative NMF of one matrix x (d, N) ~ D C^T, written out: C from
+    softmax(x^T D) over the bases, then per step C <- C * x^T D / (C D^T D), D <- D * x C /
+    (D C^T C), and a last C update."""
+    d_ = bases.copy()
+    scores = x.T @ d_
+    c = np.exp(scores - scores.max(1, keepdims=True))
+    c /= c.sum(1, keepdims=True)
+    for _ in range(steps):
+        c = c * (x.T @ d_) / (c @ (d_.T @ d_) + eps)
+        d_ = d_ * (x @ c) / (d_ @ (c.T @ c) + eps)
+    c = c * (x.T @ d_) / (c @ (d_.T @ d_) + eps)
+    return d_ @ c.T
+
+
+def test_hamburger_is_lower_bread_nmf_upper_bread():
+    layer = HamburgerMixer(16, rank=4, steps=3)
+    x = np.random.default_rng(6).standard_normal((2, 7, 16)).astype("float32")
+    out = _np(layer(x))
+    bases = _np(layer.bases)
+    assert (bases >= 0).all()
+    np.testing.assert_allclose(np.linalg.norm(bases, axis=0), 1.0, rtol=1e-5)
+    w_lo, b_lo = (_np(w) for w in layer.lower.weights)
+    w_up, b_up = (_np(w) for w in layer.upper.weights)
+    expected = np.zeros_like(out)
+    for b in range(2):
+        h = np.maximum(x[b] @ w_lo + b_lo, 0.0)  # (N, d), non-negative
+        expected[b] = nmf_direct(h.T.astype("float64"), bases.astype("float64"), 3).T @ w_up \
+            + b_up
+    np.testing.assert_allclose(out, expected, rtol=1e-3, atol=1e-5)
+
+
 def test_linear_attention_refuses_masks():
     layer = LinearAttention(8, 2)
     x = np.zeros((1, 3, 8), "float32")
@@ -161,7 +193,7 @@ def test_unknown_attention_is_named():
 
 
 MIXERS = [("linear", None), ("topk", {"k": 8}), ("bigbird", {"block_size": 2, "num_random": 1}),
-          ("lsra", {"kernel_size": 3})]
+          ("lsra", {"kernel_size": 3}), ("hamburger", {"rank": 8, "steps": 3})]
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
 
 
@@ -170,7 +202,7 @@ def test_deit_with_efficient_attention_round_trips(tmp_path, kind, args):
     model = keras_vit.create_model("deit_small_patch16_224", attention=kind,
                                    attention_args=args, **SMALL)
     dense = keras_vit.create_model("deit_small_patch16_224", **SMALL)
-    if kind != "lsra":  # LSRA's weights are its own
+    if kind not in ("lsra", "hamburger"):  # their weights are their own
         assert [w.path for w in model.weights] == [w.path for w in dense.weights]
         model.set_weights(dense.get_weights())  # a dense checkpoint is a valid start
     x = np.random.default_rng(2).uniform(-1, 1, (2, 32, 32, 3)).astype("float32")

@@ -10,6 +10,7 @@ into them) and replace ``attend``; LSRA has weights of its own.
 - ``BigBirdAttention`` (Zaheer et al. 2020): block-sparse, window + global + random blocks.
 - ``LongShortRangeAttention`` (Lite Transformer, Wu et al. 2020): half the channels through
   attention, half through a GLU + lightweight convolution branch (weights of its own).
+- ``HamburgerMixer`` (Geng et al. 2021): global context by NMF of the token matrix.
 """
 
 import keras
@@ -228,8 +229,73 @@ class LongShortRangeAttention(keras.layers.Layer):
                 "proj_drop": self.proj_drop}
 
 
+def nmf_multiplicative(x, bases, steps, inv_t=1.0, eps=1e-6):
+    """Non-negative matrix factorisation x ~ bases @ codes^T by Lee-Seung multiplicative
+    updates, Hamburger's "ham" (Geng et al. 2021): x (B, d, N) >= 0, bases (B, d, R) >= 0;
+    codes start as softmax(inv_t * x^T bases) over R, then ``steps`` rounds update codes
+    then bases, and a last codes update. Returns the reconstruction bases @ codes^T."""
+    codes = ops.softmax(inv_t * ops.matmul(ops.transpose(x, (0, 2, 1)), bases), axis=-1)
+
+    def update_codes(codes, bases):
+        numerator = ops.matmul(ops.transpose(x, (0, 2, 1)), bases)  # (B, N, R)
+        denominator = ops.matmul(codes, ops.matmul(ops.transpose(bases, (0, 2, 1)), bases))
+        return codes * numerator / (denominator + eps)
+
+    for _ in range(steps):
+        codes = update_codes(codes, bases)
+        numerator = ops.matmul(x, codes)  # (B, d, R)
+        denominator = ops.matmul(bases, ops.matmul(ops.transpose(codes, (0, 2, 1)), codes))
+        bases = bases * numerator / (denominator + eps)
+    codes = update_codes(codes, bases)
+    return ops.matmul(bases, ops.transpose(codes, (0, 2, 1)))
+
+
+@keras.saving.register_keras_serializable(package="keras_vit")
+class HamburgerMixer(keras.layers.Layer):
+    """Hamburger (Geng et al. 2021, "Is Attention Better Than Matrix Decomposition?") as a
+    token mixer: the lower bread (a linear layer, ReLU: the tokens made non-negative), the
+    ham (NMF of the (channels x tokens) matrix of each image with ``rank`` bases, ``steps``
+    multiplicative updates; linear in the tokens), the upper bread (a linear layer). The
+    initial bases are a fixed weight (uniform, columns L2-normalised; not trained), so
+    inference and every exported file are deterministic."""
+
+    def __init__(self, dim, num_heads=None, rank=64, steps=7, inv_t=1.0, **kwargs):
+        for unused in ("qkv_bias", "attn_drop", "proj_drop"):  # the block's attention args
+            kwargs.pop(unused, None)
+        super().__init__(**kwargs)
+        self.dim, self.rank, self.steps, self.inv_t = int(dim), int(rank), int(steps), inv_t
+        self.lower = dense(self.dim, name="lower")
+        self.upper = dense(self.dim, name="upper")
+
+    def build(self, x_shape, *args):
+        self.lower.build(x_shape)
+        self.upper.build(x_shape)
+        self.bases = self.add_weight(name="bases", shape=(self.dim, self.rank),
+                                     initializer=keras.initializers.RandomUniform(0.0, 1.0),
+                                     trainable=False)
+        self.bases.assign(ops.convert_to_tensor(self.bases) /
+                          ops.norm(self.bases, axis=0, keepdims=True))
+
+    def call(self, x, attention_mask=None, bias=None, training=None):
+        if attention_mask is not None or bias is not None:
+            raise ValueError("the Hamburger mixer takes no attention mask or bias")
+        h = ops.relu(self.lower(x))  # (B, N, d)
+        channels_tokens = ops.transpose(h, (0, 2, 1))
+        bases = ops.broadcast_to(self.bases, (ops.shape(h)[0], self.dim, self.rank))
+        ham = nmf_multiplicative(channels_tokens, bases, self.steps, self.inv_t)
+        return self.upper(ops.transpose(ham, (0, 2, 1)))
+
+    def compute_output_shape(self, input_shape, *args, **kwargs):
+        return tuple(input_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "dim": self.dim, "rank": self.rank,
+                "steps": self.steps, "inv_t": self.inv_t}
+
+
 ATTENTIONS = {"dense": MultiHeadAttention, "linear": LinearAttention, "topk": TopKAttention,
-              "bigbird": BigBirdAttention, "lsra": LongShortRangeAttention}
+              "bigbird": BigBirdAttention, "lsra": LongShortRangeAttention,
+              "hamburger": HamburgerMixer}
 
 
 def attention_mixer(kind, dim, num_heads, **kwargs):
