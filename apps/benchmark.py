@@ -33,6 +33,17 @@ batch of a training pipeline built at each --resume_steps step with the addresse
 measured at --replay_steps and extrapolated linearly to the larger steps. Medians over
 --rounds rounds; the model's other modes run too only when --modes is given; timm is not
 involved.
+
+--attention_sweep times the token mixers against sequence length
+(keras_vit/benchmark_attention.py): for each --attention_kinds and --sequence_lengths, one
+attention layer (--attention_dim 384, --attention_heads 6: DeiT-S's) and an encoder of
+--attention_depth TransformerBlocks of it, batch-1 forward in a tf.function (XLA off), each
+in a fresh process (--isolate) so that its peak RSS over the RSS after the imports is its
+own; measurements over --memory_budget_gb (dense attention matrix) or --max_seconds
+(extrapolated call) are skipped. Prints the table, the lengths from which linear and
+BigBird beat dense, CPU flags and load; --markdown appends, --plot=PATH writes a PNG:
+
+    python apps/benchmark.py --attention_sweep --plot=benchmarks/attention_sweep.png
 """
 
 import os
@@ -84,6 +95,28 @@ flags.DEFINE_string("replay_steps", "0,10,50", "--input_pipeline: steps at which
                     "replay (seeded_shuffle + skip) is timed (at least two distinct; larger "
                     "--resume_steps are extrapolated from them).")
 
+flags.DEFINE_bool("attention_sweep", False, "Time the token mixers (layer and encoder) "
+                  "against sequence length instead of a model; see the module doc.")
+flags.DEFINE_string("attention_kinds", "dense,linear,bigbird,topk", "--attention_sweep: comma "
+                    "list of dense, linear, bigbird, topk.")
+flags.DEFINE_string("sequence_lengths", "196,784,3136,12544", "--attention_sweep: comma list "
+                    "of sequence lengths (up to 16384).")
+flags.DEFINE_integer("attention_dim", 384, "--attention_sweep: embedding width.")
+flags.DEFINE_integer("attention_heads", 6, "--attention_sweep: heads.")
+flags.DEFINE_integer("attention_depth", 12, "--attention_sweep: blocks of the encoder.")
+flags.DEFINE_integer("topk_k", 64, "--attention_sweep: k of top-k attention.")
+flags.DEFINE_integer("bigbird_block_size", 64, "--attention_sweep: BigBird block size.")
+flags.DEFINE_integer("bigbird_window", 3, "--attention_sweep: BigBird window (blocks).")
+flags.DEFINE_integer("bigbird_global", 1, "--attention_sweep: BigBird global blocks.")
+flags.DEFINE_integer("bigbird_random", 2, "--attention_sweep: BigBird random blocks.")
+flags.DEFINE_float("memory_budget_gb", 20.0, "--attention_sweep: skip a measurement whose "
+                   "dense attention matrix (N^2 x heads x 4 bytes) exceeds this (dense, topk).")
+flags.DEFINE_float("max_seconds", 60.0, "--attention_sweep: skip a measurement whose call, "
+                   "extrapolated from the previous length, would take longer than this.")
+flags.DEFINE_bool("isolate", True, "--attention_sweep: each measurement in a fresh process "
+                  "(false: in this one, for tiny settings; peak memory then less exact).")
+flags.DEFINE_string("plot", None, "--attention_sweep: write a log-log PNG to this path.")
+
 
 def _check_flags():
     """Every flag error before TensorFlow is imported or any model is built."""
@@ -106,7 +139,38 @@ def _check_flags():
         fail(f"--timm_python: no such file {F.timm_python!r}")
     if F.input_pipeline:
         _check_input_flags()
+    if F.attention_sweep:
+        _check_sweep_flags()
     return list(dict.fromkeys(modes)), model_args
+
+
+def _check_sweep_flags():
+    """The --attention_sweep flags, before TensorFlow is imported: (kinds, lengths)."""
+    from keras_vit.benchmark_attention import KINDS, MAX_LENGTH
+
+    if F.input_pipeline:
+        fail("--attention_sweep and --input_pipeline are separate modes; pick one")
+    if F.timm == "on":
+        fail("--attention_sweep does not involve timm; drop --timm=on")
+    kinds = [k.strip() for k in F.attention_kinds.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if not kinds or bad:
+        fail(f"--attention_kinds: unknown {', '.join(bad) or '(empty)'}; valid: "
+             f"{', '.join(KINDS)}")
+    lengths = _steps("sequence_lengths")
+    if min(lengths) < 1 or max(lengths) > MAX_LENGTH:
+        fail(f"--sequence_lengths must lie in 1..{MAX_LENGTH}, got {F.sequence_lengths!r}")
+    for name in ("attention_dim", "attention_heads", "attention_depth", "topk_k",
+                 "bigbird_block_size", "bigbird_window"):
+        if getattr(F, name) < 1:
+            fail(f"--{name} must be >= 1, got {getattr(F, name)}")
+    if F.attention_dim % F.attention_heads:
+        fail("--attention_dim must be a multiple of --attention_heads")
+    if F.bigbird_global < 0 or F.bigbird_random < 0:
+        fail("--bigbird_global and --bigbird_random must be >= 0")
+    if F.memory_budget_gb <= 0 or F.max_seconds <= 0:
+        fail("--memory_budget_gb and --max_seconds must be > 0")
+    return list(dict.fromkeys(kinds)), lengths
 
 
 def _steps(name):
@@ -162,6 +226,9 @@ def main(argv):
     import tensorflow as tf  # TensorFlow loads here, after TF_ENABLE_ONEDNN_OPTS is final
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)  # before any model exists
+
+    if F.attention_sweep:
+        return _attention_sweep(threads)
 
     import keras_vit
     from keras_vit import benchmark as bm
@@ -299,6 +366,62 @@ def _input_pipeline(model, threads, model_rows):
                 f"- {s}" for s in summary) + "\n\n")
             if model_rows:
                 f.write(bm.markdown_table(model_rows) + "\n\n")
+
+
+def _attention_sweep(threads):
+    """--attention_sweep: the mixers' layer and encoder times and peaks against length."""
+    from keras_vit import benchmark_attention as ba
+    from keras_vit import benchmark_input as bi
+
+    kinds, lengths = _check_sweep_flags()
+    args = ba.default_args(topk_k=F.topk_k, block_size=F.bigbird_block_size,
+                           window=F.bigbird_window, num_global=F.bigbird_global,
+                           num_random=F.bigbird_random)
+    warmup = F.warmup if F["warmup"].present else 2
+    iters = F.iters if F["iters"].present else 5
+    loads = [os.getloadavg()[0]]
+    start = time.perf_counter()
+    rows = ba.sweep(kinds, lengths, attention_args=args, dim=F.attention_dim,
+                    num_heads=F.attention_heads, depth=F.attention_depth, warmup=warmup,
+                    iters=iters, memory_budget_gb=F.memory_budget_gb,
+                    max_seconds=F.max_seconds, isolate=F.isolate, threads=threads)
+    loads.append(os.getloadavg()[0])
+    table = ba.markdown_table(rows)
+    flags_found = bi.cpu_flags()
+    sources = {r["memory_source"] for r in rows if r["memory_source"]}
+    summary = ba.summary_lines(rows, kinds) + [
+        f"layer: attention_mixer(kind, {F.attention_dim}, {F.attention_heads}); encoder: "
+        f"{F.attention_depth} TransformerBlock({F.attention_dim}, {F.attention_heads}) of it, "
+        "a functional model; batch 1, forward in a tf.function (XLA off), median ms over up "
+        f"to {iters} calls after {warmup}; topk k={F.topk_k}; bigbird block_size="
+        f"{F.bigbird_block_size}, window={F.bigbird_window}, num_global={F.bigbird_global}, "
+        f"num_random={F.bigbird_random}",
+        "peak MiB: peak RSS (" + ("/".join(sorted(sources)) or "none") + ") of the measuring "
+        "process over its RSS after the imports, "
+        + ("each measurement in a fresh process" if F.isolate else
+           "all in this process (--noisolate: freed memory of earlier rows is reused, so "
+           "the peaks are lower bounds)"),
+        f"budget: --memory_budget_gb={F.memory_budget_gb:g} (dense/topk attention matrix "
+        f"N^2 x heads x 4 bytes), --max_seconds={F.max_seconds:g} (a call extrapolated from "
+        "the previous length: x ratio^2 for dense/topk, ^1 for linear/bigbird)",
+        "CPU flags: " + (" ".join(flags_found) if flags_found is not None else "unknown")
+        + f"; {os.cpu_count()} CPUs; threads: {threads}; oneDNN: TF_ENABLE_ONEDNN_OPTS="
+        f"{os.environ.get('TF_ENABLE_ONEDNN_OPTS')}",
+        "1-min load average at the start and the end: "
+        + ", ".join(f"{x:.2f}" for x in loads)
+        + f"; the sweep took {time.perf_counter() - start:.0f} s",
+    ]
+    print()
+    print(table)
+    print()
+    print("\n".join(summary))
+    if F.plot:
+        ba.plot(rows, kinds, F.plot, title=f"dim {F.attention_dim}, {F.attention_heads} "
+                f"heads, batch 1, {os.cpu_count()} CPUs")
+        print(f"plot written to {F.plot}")
+    if F.markdown:
+        with open(F.markdown, "a") as f:
+            f.write(table + "\n\n" + "\n".join(f"- {s}" for s in summary) + "\n\n")
 
 
 if __name__ == "__main__":

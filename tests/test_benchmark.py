@@ -122,3 +122,50 @@ def test_input_pipeline_mode(tmp_path):
     assert ("input", "tfrecord_plain_cached") in modes and ("keras", "train") in modes
     assert ("resume", "folder_addressed_step_100000") in modes
     assert ("resume", "folder_replay_step_100000") in modes or "not extrapolated" in out
+
+
+def test_attention_sweep_mode(tmp_path):
+    """--attention_sweep on tiny settings, in this one process (--noisolate): a row per
+    (kind, length) with positive times, the crossover lines, the PNG and the markdown."""
+    png, md = tmp_path / "sweep.png", tmp_path / "sweep.md"
+    proc = _run_app("--attention_sweep", "--sequence_lengths=16,64",
+                    "--attention_kinds=dense,linear,bigbird,topk", "--attention_dim=32",
+                    "--attention_heads=2", "--attention_depth=2", "--topk_k=8",
+                    "--bigbird_block_size=8", "--warmup=0", "--iters=1", "--noisolate",
+                    f"--plot={png}", f"--markdown={md}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {}
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 6 and cells[0] in ("dense", "linear", "bigbird", "topk"):
+            rows[(cells[0], int(cells[1]))] = cells[2:]
+    assert set(rows) == {(k, n) for k in ("dense", "linear", "bigbird", "topk")
+                         for n in (16, 64)}, proc.stdout
+    for layer_ms, layer_mib, encoder_ms, encoder_mib in rows.values():
+        assert float(layer_ms) > 0 and float(encoder_ms) > 0
+        assert float(layer_mib) >= 0 and float(encoder_mib) >= 0  # in-process: may reuse
+    for kind in ("linear", "bigbird"):
+        for part in ("layer", "encoder"):
+            assert f"{kind} faster than dense ({part}): " in proc.stdout
+    assert "CPU flags: " in proc.stdout and "1-min load average" in proc.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| kind | N | layer ms |" in md.read_text()
+
+
+def test_attention_sweep_helpers():
+    from keras_vit import benchmark_attention as ba
+
+    rows = [dict(kind=k, length=n, part=p, ms=ms, peak_mib=1.0, skipped=None)
+            for k, p, n, ms in (("dense", "layer", 100, 1.0), ("dense", "layer", 400, 16.0),
+                                ("linear", "layer", 100, 4.0), ("linear", "layer", 400, 4.0),
+                                ("dense", "encoder", 100, 1.0), ("linear", "encoder", 100, 2.0))]
+    # ratio 4 at 100, 1/4 at 400: log-log crossing half way, at 200
+    assert ba.crossover(rows, "linear", "layer").startswith("N ~ 200 ")
+    assert ba.crossover(rows, "linear", "encoder").startswith("not within the measured")
+    assert ba.crossover(rows, "dense", "encoder", reference="linear").startswith(
+        "faster at every measured length")
+    assert ba.largest_measured(rows, "linear", "layer") == 400
+    assert ba.dense_matrix_bytes(12544, 6) == 12544 ** 2 * 6 * 4
+    table = ba.markdown_table(rows + [dict(kind="dense", length=400, part="encoder", ms=None,
+                                           peak_mib=None, skipped="skipped: > budget")])
+    assert "| dense | 400 | 16.0 | 1.00 | skipped: > budget |  |" in table
