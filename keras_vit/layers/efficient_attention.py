@@ -110,8 +110,9 @@ class BigBirdAttention(MultiHeadAttention):
     """BigBird's block-sparse attention (Zaheer et al. 2020, ITC): tokens in blocks of
     ``block_size``; a query block attends to the global blocks, a sliding window of
     ``window`` blocks and ``num_random`` random blocks (seeded), gathered so the cost is
-    O(N x keys per block); global blocks attend to everything. The sequence is padded to
-    whole blocks (padding keys masked). Masks and biases are not taken."""
+    O(N x keys per block); global blocks attend to everything (dense rows of their own). The
+    sequence is padded to whole blocks (padding keys masked). Masks and biases are not
+    taken."""
 
     def __init__(self, dim, num_heads=8, block_size=16, window=3, num_global=1,
                  num_random=2, seed=0, **kwargs):
@@ -140,21 +141,37 @@ class BigBirdAttention(MultiHeadAttention):
             return ops.reshape(t, (-1, num_blocks, b, d))
 
         qb, kb, vb = blocked(q * ops.cast(self.scale, q.dtype)), blocked(k), blocked(v)
-        width = blocks.shape[1]
-        # every key slot of every query block: real, not padding, not a filler
-        slot_ok = np.repeat(kept, b, axis=1) & (
-            (blocks[:, :, None] * b + np.arange(b)[None, None, :]).reshape(num_blocks, -1)
-            < length)
+        glob = min(self.num_global, num_blocks)
+        key_ok = np.arange(num_blocks * b) < length  # padding keys masked
+        parts = []
+        if glob:  # global query blocks: every key, one dense product
+            keys_all = ops.reshape(kb, (-1, 1, num_blocks * b, d))
+            values_all = ops.reshape(vb, (-1, 1, num_blocks * b, d))
+            queries = ops.reshape(qb[:, :glob], (-1, 1, glob * b, d))
+            logits = masked_logits(ops.matmul(queries, ops.transpose(keys_all, (0, 1, 3, 2))),
+                                   key_ok[None, None, None, :])
+            attn = self.attn_dropout(ops.softmax(logits, axis=-1), training=training)
+            parts.append(ops.reshape(ops.matmul(attn, values_all), (-1, glob, b, d)))
+        if glob < num_blocks:  # the others: their few key blocks gathered, O(N) in all
+            rows, row_kept = blocks[glob:], kept[glob:]
+            width = int(row_kept.sum(axis=1).max())
+            rows, row_kept = rows[:, :width], row_kept[:, :width]
+            sparse = num_blocks - glob
+            # every key slot of every query block: real, not padding, not a filler
+            slot_ok = np.repeat(row_kept, b, axis=1) & key_ok[
+                (rows[:, :, None] * b + np.arange(b)[None, None, :]).reshape(sparse, -1)]
 
-        def gathered(t):  # each query block's key blocks side by side: (BH, blocks, K*b, d)
-            return ops.reshape(ops.take(t, blocks.reshape(-1), axis=1),
-                               (-1, num_blocks, width * b, d))
+            def gathered(t):  # each query block's key blocks side by side: (BH, n, K*b, d)
+                return ops.reshape(ops.take(t, rows.reshape(-1), axis=1),
+                                   (-1, sparse, width * b, d))
 
-        keys, values = gathered(kb), gathered(vb)
-        logits = ops.matmul(qb, ops.transpose(keys, (0, 1, 3, 2)))  # (BH, blocks, b, K*b)
-        logits = masked_logits(logits, slot_ok[None, :, None, :])
-        attn = self.attn_dropout(ops.softmax(logits, axis=-1), training=training)
-        out = ops.reshape(ops.matmul(attn, values), (-1, heads, num_blocks * b, d))
+            keys, values = gathered(kb), gathered(vb)
+            logits = ops.matmul(qb[:, glob:], ops.transpose(keys, (0, 1, 3, 2)))
+            logits = masked_logits(logits, slot_ok[None, :, None, :])
+            attn = self.attn_dropout(ops.softmax(logits, axis=-1), training=training)
+            parts.append(ops.matmul(attn, values))
+        out = parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=1)
+        out = ops.reshape(out, (-1, heads, num_blocks * b, d))
         return out[:, :, :length] if pad else out
 
     def get_config(self):
