@@ -94,7 +94,7 @@ def test_input_pipeline_mode(tmp_path):
                     "--input_modes=folder_plain,folder_mixup,tfrecord_randaugment,"
                     "tfrecord_plain_cached", "--input_images=16", "--input_warmup=0",
                     "--input_batches=1", "--rounds=1",
-                    "--resume_steps=0,100000", "--replay_steps=0,1", "--notrain_jit_compile",
+                    "--resume_steps=0,100000", "--replay_steps=0,1",
                     "--warmup=0", "--iters=1", "--onednn=off",
                     f"--csv={out_csv}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -150,6 +150,17 @@ def test_attention_sweep_mode(tmp_path):
     assert "CPU flags: " in proc.stdout and "1-min load average" in proc.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| kind | N | layer ms |" in md.read_text()
+
+
+def test_attention_sweep_isolated_by_default():
+    """The default (--isolate): each measurement in a fresh interpreter, whose own peak RSS
+    above its post-import baseline is the row's memory (here one kind, one length)."""
+    from keras_vit import benchmark_attention as ba
+
+    rows = ba.sweep(["linear"], [16], dim=32, num_heads=2, depth=1, warmup=0, iters=1,
+                    log=lambda *_, **__: None)
+    assert [(r["part"], r["skipped"]) for r in rows] == [("layer", None), ("encoder", None)]
+    assert all(r["ms"] > 0 and r["peak_mib"] > 0 for r in rows), rows
 
 
 def test_attention_sweep_helpers():
