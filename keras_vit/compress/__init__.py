@@ -1,10 +1,12 @@
 """Compression that yields a smaller, ordinary Keras model (saves, loads, exports): the
 survey's efficient-transformer techniques applied after (or during) training."""
 
-from keras_vit.compress.heads import (head_gate_gradients, head_importance,
-                                     least_important_heads_removed, prune_heads)
+from keras_vit.compress.heads import (count_heads, head_gate_gradients, head_importance,
+                                     least_important_heads_removed, prune_heads,
+                                     prune_heads_iteratively)
 from keras_vit.compress.layers import every_other_block, keep_blocks
-from keras_vit.compress.low_rank import energy_rank, factorize_dense
+from keras_vit.compress.low_rank import energy_for_fraction, energy_rank, factorize_dense
 
-__all__ = ["energy_rank", "every_other_block", "factorize_dense", "head_gate_gradients",
-           "head_importance", "keep_blocks", "least_important_heads_removed", "prune_heads"]
+__all__ = ["count_heads", "energy_for_fraction", "energy_rank", "every_other_block",
+           "factorize_dense", "head_gate_gradients", "head_importance", "keep_blocks",
+           "least_important_heads_removed", "prune_heads", "prune_heads_iteratively"]

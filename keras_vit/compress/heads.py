@@ -108,3 +108,36 @@ def least_important_heads_removed(importance, fraction):
             keep[name].discard(h)
             budget -= 1
     return {name: sorted(v) for name, v in keep.items()}
+
+
+def count_heads(model, prefix="blocks."):
+    """{block name: heads} of the model's prunable attention blocks."""
+    return {name: block.attn.num_heads for name, block in _attention_blocks(model, prefix).items()}
+
+
+def prune_heads_iteratively(model, batches, fraction, steps=1, fine_tune=None,
+                            prefix="blocks."):
+    """Michel et al.'s iterative pruning: ``fraction`` of all heads removed in ``steps``
+    equal rounds, the importance measured again on the pruned model before each round, and
+    ``fine_tune(model)`` (optional; returns the model, e.g. after a few fit steps) run after
+    each. Returns the pruned model."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    total = sum(count_heads(model, prefix).values())
+    if not total:
+        raise ValueError(f"{model.name} has no multi-head attention blocks named {prefix}<i>")
+    target, removed = int(round(fraction * total)), 0
+    for step in range(1, steps + 1):
+        now = int(round(target * step / steps)) - removed
+        if now <= 0:
+            continue
+        current = sum(count_heads(model, prefix).values())
+        keep = least_important_heads_removed(head_importance(model, batches, prefix),
+                                             now / current)
+        model = prune_heads(model, keep, prefix)
+        removed += current - sum(count_heads(model, prefix).values())
+        if fine_tune is not None:
+            model = fine_tune(model)
+    return model

@@ -26,22 +26,65 @@ def truncated_factors(kernel, rank):
     return u[:, :rank] * s[:rank], vt[:rank]
 
 
-def factorize_dense(model, energy=0.9, prefix="blocks."):
+def _block_kernels(model, prefix):
+    """[(block, {layer key: kernel as numpy})] of the model's unfactorised TransformerBlocks."""
+    return [(block, {key: keras.ops.convert_to_numpy(getattr(getattr(block, part), name).kernel)
+                     for key, (part, name) in LINEAR_LAYERS.items()})
+            for _, block in sorted(block_layers(model, prefix).items())
+            if isinstance(block, TransformerBlock) and not block.ranks]
+
+
+def _ranks_at(kernels, spectra, energy):
+    """{layer key: rank} of the layers worth factorising at ``energy``."""
+    ranks = {}
+    for key, kernel in kernels.items():
+        rank = energy_rank(spectra[key], energy)
+        if rank * sum(kernel.shape) < kernel.size:
+            ranks[key] = rank
+    return ranks
+
+
+def energy_for_fraction(model, fraction, prefix="blocks."):
+    """The largest kept energy (to 1e-4) at which the factorised blocks' linear layers hold
+    at most ``fraction`` of their dense weights (one energy for all layers, so each keeps
+    the rank its spectrum needs)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    blocks = _block_kernels(model, prefix)
+    spectra = [{k: np.linalg.svd(w, compute_uv=False) for k, w in kernels.items()}
+               for _, kernels in blocks]
+    dense = sum(w.size for _, kernels in blocks for w in kernels.values())
+
+    def weights_at(energy):
+        total = 0
+        for (_, kernels), spectrum in zip(blocks, spectra):
+            ranks = _ranks_at(kernels, spectrum, energy)
+            total += sum(ranks[k] * sum(w.shape) if k in ranks else w.size
+                         for k, w in kernels.items())
+        return total
+
+    low, high = 0.0, 1.0  # weights_at rises with the energy
+    while high - low > 1e-4:
+        mid = (low + high) / 2
+        low, high = (mid, high) if weights_at(mid) <= fraction * dense else (low, mid)
+    return low
+
+
+def factorize_dense(model, energy=0.9, prefix="blocks.", param_fraction=None):
     """(the factorised model, {block name: {layer: rank}}). Blocks other than
     TransformerBlock, and layers whose factors would not be smaller, are kept as they are;
-    weights are copied (the input model is unchanged)."""
+    weights are copied (the input model is unchanged). ``param_fraction`` instead of
+    ``energy``: the energy at which the blocks' linear layers keep that fraction of their
+    weights (``energy_for_fraction``)."""
+    if param_fraction is not None:
+        energy = energy_for_fraction(model, param_fraction, prefix)
     if not 0 < energy <= 1:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
     replaced, ranks_of = {}, {}
-    for _, block in sorted(block_layers(model, prefix).items()):
-        if not isinstance(block, TransformerBlock) or block.ranks:
-            continue
-        ranks, factors = {}, {}
-        for key, (part, name) in LINEAR_LAYERS.items():
-            kernel = keras.ops.convert_to_numpy(getattr(getattr(block, part), name).kernel)
-            rank = energy_rank(np.linalg.svd(kernel, compute_uv=False), energy)
-            if rank * sum(kernel.shape) < kernel.size:
-                ranks[key], factors[key] = rank, truncated_factors(kernel, rank)
+    for block, kernels in _block_kernels(model, prefix):
+        spectra = {k: np.linalg.svd(w, compute_uv=False) for k, w in kernels.items()}
+        ranks = _ranks_at(kernels, spectra, energy)
+        factors = {k: truncated_factors(kernels[k], r) for k, r in ranks.items()}
         if ranks:
             replaced[block.name] = (TransformerBlock.from_config(
                 {**block.get_config(), "ranks": ranks}), block, factors)

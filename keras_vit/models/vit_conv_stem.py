@@ -59,13 +59,15 @@ def conv_stem(x, stem_chs, strides, embed_dim, name="stem"):
 def vit_conv_stem(*, img_size=224, in_chans=3, num_classes=1000, stem_chs=(24, 48, 96, 192),
                   stem_strides=None, embed_dim=192, depth=11, num_heads=3, mlp_ratio=3.0,
                   qkv_bias=True, norm_eps=1e-5, drop_rate=0.0, attn_drop_rate=0.0,
-                  drop_path_rate=0.0, features_only=False, out_indices=None, name="vit_c"):
+                  drop_path_rate=0.0, features_only=False, out_indices=None, attention="dense",
+                  attention_args=None, layer_drop=0.0, name="vit_c"):
     """Builds a ViT_C as a functional model.
 
     stem_chs: widths of the 3x3 convs; stem_strides: their strides (default
     ``conv_stem_strides(stem_chs)``); the token grid is the image divided by
     their product (16 for every paper model). features_only: the token maps
-    of the ``out_indices`` blocks as (B, H/16, W/16, D).
+    of the ``out_indices`` blocks as (B, H/16, W/16, D). attention, attention_args,
+    layer_drop: the token mixer and LayerDrop of ``vision_transformer``.
     """
     stem_chs = tuple(int(c) for c in stem_chs)
     strides = tuple(int(s) for s in stem_strides) if stem_strides else conv_stem_strides(stem_chs)
@@ -85,7 +87,9 @@ def vit_conv_stem(*, img_size=224, in_chans=3, num_classes=1000, stem_chs=(24, 4
                          num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                          drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
                          drop_path_rate=drop_path_rate, norm_eps=norm_eps, token_std=0.0,
-                         features_only=features_only, out_indices=out_indices, name=name)
+                         features_only=features_only, out_indices=out_indices,
+                         attention=attention, attention_args=attention_args,
+                         layer_drop=layer_drop, name=name)
 
 
 def _vit_c(name, **defaults):
