@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 import keras_vit
-from keras_vit.compress import (energy_rank, every_other_block, factorize_dense,
-                                head_gate_gradients, head_importance, keep_blocks,
-                                least_important_heads_removed, prune_heads)
+from keras_vit.compress import (count_heads, energy_for_fraction, energy_rank,
+                                every_other_block, factorize_dense, head_gate_gradients,
+                                head_importance, keep_blocks, least_important_heads_removed,
+                                prune_heads, prune_heads_iteratively)
 from helpers import check_keras_round_trip, check_tflite_fp32, check_train_step_lowers_loss
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
@@ -169,3 +170,40 @@ def test_pruned_heads_equal_the_model_with_their_outputs_zeroed(tmp_path):
     assert_equal_and_ordinary(pruned, direct, tmp_path)
     with pytest.raises(ValueError, match="non-empty subset of its heads 0..3"):
         prune_heads(model, {"blocks.0": []})
+
+
+def _block_linear_weights(model):
+    return sum(int(np.prod(w.shape)) for w in model.weights
+               if w.path.startswith("blocks.") and "kernel" in w.path)
+
+
+def test_parameter_budget_picks_the_largest_energy_within_it():
+    model = keras_vit.create_model("deit_small_patch16_224", **SMALL)
+    dense = _block_linear_weights(model)
+    energy = energy_for_fraction(model, 0.5)
+    small, _ = factorize_dense(model, param_fraction=0.5)
+    assert _block_linear_weights(small) <= 0.5 * dense  # within the budget
+    # and a little more energy breaks it: the budget is used, not undershot
+    more, _ = factorize_dense(model, energy=min(energy + 2e-4, 1.0))
+    assert _block_linear_weights(more) > 0.5 * dense
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\)"):
+        energy_for_fraction(model, 1.5)
+
+
+def test_iterative_pruning_removes_the_fraction_over_its_rounds():
+    model = keras_vit.create_model("deit_small_patch16_224", **dict(SMALL, num_heads=4))
+    rng = np.random.default_rng(4)
+    batches = [(rng.uniform(-1, 1, (4, 32, 32, 3)).astype("float32"), np.array([0, 1, 2, 3]))]
+    # one round is the one-shot pruning of the measured importance
+    once = prune_heads_iteratively(model, batches, 0.5, steps=1)
+    direct = prune_heads(model, least_important_heads_removed(head_importance(model, batches),
+                                                              0.5))
+    x = batches[0][0]
+    np.testing.assert_allclose(once(x), direct(x), atol=1e-6)  # the same graph and weights
+    tuned = []
+    pruned = prune_heads_iteratively(model, batches, 0.5, steps=3,
+                                     fine_tune=lambda m: tuned.append(m) or m)
+    assert sum(count_heads(pruned).values()) == 8 and len(tuned) == 3  # 16 heads -> 8
+    assert all(n >= 1 for n in count_heads(pruned).values())
+    with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\)"):
+        prune_heads_iteratively(model, batches, 1.0)
