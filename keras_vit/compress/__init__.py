@@ -6,7 +6,10 @@ from keras_vit.compress.heads import (count_heads, head_gate_gradients, head_imp
                                      prune_heads_iteratively)
 from keras_vit.compress.layers import every_other_block, keep_blocks
 from keras_vit.compress.low_rank import energy_for_fraction, energy_rank, factorize_dense
+from keras_vit.compress.patch_slimming import (PatchSlimmedBlock, patch_slimming_schedule,
+                                               slim_patches)
 
 __all__ = ["count_heads", "energy_for_fraction", "energy_rank", "every_other_block",
            "factorize_dense", "head_gate_gradients", "head_importance", "keep_blocks",
            "least_important_heads_removed", "prune_heads", "prune_heads_iteratively"]
+__all__ += ["PatchSlimmedBlock", "patch_slimming_schedule", "slim_patches"]
