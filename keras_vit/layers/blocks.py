@@ -75,12 +75,16 @@ class ResidualBlock(keras.layers.Layer):
         """The first residual branch's function, before LayerScale: the mixer."""
         return self.attn(x, *args, training=training, **kwargs)
 
+    def feed_forward(self, x, training=None):
+        """The second residual branch's function, before LayerScale: the MLP."""
+        return self.mlp(x, training=training)
+
     def call(self, x, *args, training=None, **kwargs):
         def mixer(h):
             return _apply(self.ls1, self.mix(h, *args, training=training, **kwargs))
 
         def mlp(h):
-            return _apply(self.ls2, self.mlp(h, training=training))
+            return _apply(self.ls2, self.feed_forward(h, training=training))
 
         if self.norm_first:
             x = x + self.drop_path(mixer(self.norm1(x)), training=training)
@@ -111,12 +115,14 @@ class TransformerBlock(ResidualBlock):
     ``call(x, attention_mask=None, bias=None)``; names as timm's ``Block``. ``attention``
     picks the token mixer (layers/efficient_attention.py: dense, linear, topk, bigbird), with
     ``attention_args`` its own arguments; every kind has the dense one's weights.
+    ``head_dim`` and ``mlp_hidden_dim`` override dim // num_heads and int(dim * mlp_ratio)
+    (pruned models: keras_vit.compress).
     """
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop=0.0, attn_drop=0.0,
                  drop_path=0.0, init_values=None, norm_first=True, norm_eps=1e-6, act="gelu",
                  attention="dense", attention_args=None, ranks=None, head_dim=None,
-                 **kwargs):
+                 mlp_hidden_dim=None, **kwargs):
         ranks = dict(ranks or {})  # factorised linear layers by name: qkv, proj, fc1, fc2
         attn_ranks = {k: ranks[k] for k in ("qkv", "proj") if k in ranks}
         extra = dict(attention_args or {}, **({"ranks": attn_ranks} if attn_ranks else {}),
@@ -124,7 +130,7 @@ class TransformerBlock(ResidualBlock):
         super().__init__(
             attention_mixer(attention, dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
                             proj_drop=drop, name="attn", **extra),
-            Mlp(int(dim * mlp_ratio), act=act, drop=drop, name="mlp",
+            Mlp(mlp_hidden_dim or int(dim * mlp_ratio), act=act, drop=drop, name="mlp",
                 ranks={k: ranks[k] for k in ("fc1", "fc2") if k in ranks}),
             norm_eps=norm_eps, norm_first=norm_first, init_values=init_values,
             drop_path=drop_path, **kwargs)
@@ -133,6 +139,7 @@ class TransformerBlock(ResidualBlock):
         self.act = act
         self.attention, self.attention_args = attention, dict(attention_args or {})
         self.ranks, self.head_dim = ranks, head_dim
+        self.mlp_hidden_dim = int(mlp_hidden_dim) if mlp_hidden_dim else None  # pruned
 
     def get_config(self):
         config = self.block_config()
@@ -143,7 +150,8 @@ class TransformerBlock(ResidualBlock):
                 "attn_drop": self.attn_drop, "act": self.act, "attention": self.attention,
                 "attention_args": self.attention_args,
                 **({"ranks": self.ranks} if self.ranks else {}),
-                **({"head_dim": self.head_dim} if self.head_dim else {})}
+                **({"head_dim": self.head_dim} if self.head_dim else {}),
+                **({"mlp_hidden_dim": self.mlp_hidden_dim} if self.mlp_hidden_dim else {})}
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
