@@ -46,8 +46,13 @@ flags.DEFINE_bool("randaugment", False, "RandAugment (Keras core layer) on train
 flags.DEFINE_float("mixup", 0.0, "MixUp alpha (0: off).")
 flags.DEFINE_float("cutmix", 0.0, "CutMix alpha (0: off).")
 flags.DEFINE_float("drop_path_rate", 0.0, "Stochastic depth rate.")
-flags.DEFINE_string("teacher", None, "DeiT distillation teacher: registered name, .keras file or SavedModel dir.")
-flags.DEFINE_enum("distillation", "hard", ["hard", "soft"], "DeiT distillation kind.")
+flags.DEFINE_string("teacher", None, "Distillation teacher: registered name, .keras file or SavedModel dir (a SavedModel: hard/soft only).")
+flags.DEFINE_enum("distillation", "hard", ["hard", "soft", "minilm", "manifold"],
+                  "With --teacher: DeiT's hard or soft label distillation, or a relation loss "
+                  "added to the cross-entropy: minilm (last-block attention and value "
+                  "relations, MiniLM/MiniLMv2) or manifold (patch-level manifold relations, "
+                  "Hao et al. 2022); the relation kinds need ViT-style student and teacher "
+                  "with the same patch grid.")
 flags.DEFINE_enum("strategy", "auto", ["auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu"], "tf.distribute strategy.")
 flags.DEFINE_string("tpu", None, "TPU name or grpc:// address ('local' on a TPU VM).")
 flags.DEFINE_enum("mixed_precision", "none", ["none", "mixed_float16", "mixed_bfloat16"], "Mixed precision policy.")

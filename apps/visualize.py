@@ -32,6 +32,9 @@ prepare_environment()
 
 from absl import app, flags  # noqa: E402
 
+from keras_vit.models.introspect import (block_attention,  # noqa: E402,F401
+                                         global_attention_blocks, prefix_tokens)
+
 F = flags.FLAGS
 flags.DEFINE_string("model_path", None, "A .keras file, a training model_dir or a registered "
                     "name.", required=True)
@@ -47,50 +50,16 @@ flags.DEFINE_integer("seed", None, "Seed of the shapes images (default: the run'
 
 # -- attention rollout ------------------------------------------------------------------
 
-def global_attention_blocks(model):
-    """The model's blocks of plain multi-head self-attention over one token sequence
-    (ResidualBlocks whose mixer is keras_vit's MultiHeadAttention), in order, when every one
-    of them sees the same number of tokens; [] otherwise (windows, spatial reduction, ...)."""
-    from keras_vit.layers.attention import MultiHeadAttention
-    from keras_vit.layers.blocks import ResidualBlock
-
-    blocks = [layer for layer in model.layers if isinstance(layer, ResidualBlock)
-              and type(layer.attn) is MultiHeadAttention and not layer.attn.cross]
-    try:
-        shapes = {tuple(block.input.shape[1:]) for block in blocks}
-    except (AttributeError, ValueError):  # a block called more than once: no single input
-        return []
-    return blocks if len(shapes) == 1 and len(next(iter(shapes))) == 2 else []
-
-
 def attention_maps(model, blocks, images):
     """Each block's attention probabilities (B, heads, N, N) on ``images``: the block's input
     from a sub-model, then the block's own attention math on it (pre- or post-norm)."""
     import keras
     import numpy as np
-    from keras import ops
 
     inputs = keras.Model(model.input, [block.input for block in blocks])(images)
     inputs = inputs if isinstance(inputs, (list, tuple)) else [inputs]
-    maps = []
-    for block, x in zip(blocks, inputs):
-        h = block.norm1(x) if block.norm_first else x
-        q, k, _ = block.attn.project_qkv(h)
-        logits = ops.matmul(q * block.attn.scale, ops.transpose(k, (0, 1, 3, 2)))
-        maps.append(np.asarray(ops.softmax(logits, axis=-1), np.float64))
-    return maps
-
-
-def prefix_tokens(model, num_tokens):
-    """(number of prefix tokens, whether the model reads the class token): from its
-    TokenPool layer, else whatever is left over a square patch grid."""
-    from keras_vit.layers.pooling import TokenPool
-
-    for layer in model.layers:
-        if isinstance(layer, TokenPool):
-            return layer.num_prefix_tokens, layer.mode == "token"
-    prefix = num_tokens - math.isqrt(num_tokens) ** 2
-    return prefix, prefix > 0
+    return [np.asarray(block_attention(block, x), np.float64)
+            for block, x in zip(blocks, inputs)]
 
 
 def attention_rollout(maps, num_prefix, use_class_token=True):

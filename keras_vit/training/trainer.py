@@ -13,7 +13,7 @@ import numpy as np
 from absl import logging
 
 from keras_vit.training import callbacks as cb
-from keras_vit.training.distillation import DistillationModel
+from keras_vit.training.distillation import MODES as DISTILLATIONS, DistillationModel
 from keras_vit.training.schedules import WarmupSchedule
 from keras_vit.training.strategy import (STRATEGIES, get_strategy, is_chief, is_multi_worker,
                                          resolve_jit_compile, same_on_every_worker)
@@ -108,7 +108,8 @@ def validate(config):
     need(config.strategy in STRATEGIES, f"--strategy must be one of {STRATEGIES}")
     need(config.mixed_precision in PRECISIONS, f"--mixed_precision must be one of {PRECISIONS}")
     need(config.export_tflite in TFLITE_EXPORTS, f"--export_tflite must be one of {TFLITE_EXPORTS}")
-    need(config.distillation in ("hard", "soft"), "--distillation must be hard or soft")
+    need(config.distillation in DISTILLATIONS,
+         f"--distillation must be one of {', '.join(DISTILLATIONS)}, got {config.distillation!r}")
     need(config.learning_rate > 0, "--learning_rate must be positive")
     need(0 <= config.label_smoothing < 1, "--label_smoothing must be in [0, 1)")
     need(config.mixup >= 0 and config.cutmix >= 0, "--mixup/--cutmix must be >= 0")
@@ -425,7 +426,7 @@ def _compiled_model(config, task, info, img_size, steps_per_epoch, total_steps, 
     if config.teacher:
         teacher = _load_teacher(config.teacher, info.num_classes, img_size)
         model = DistillationModel(student, teacher, config.distillation,
-                                  label_smoothing=config.label_smoothing)
+                                  label_smoothing=config.label_smoothing, seed=config.seed)
         model.compile(optimizer=optimizer, jit_compile=jit_compile)
     elif task == "detection":  # the set criterion (in-graph Hungarian matching) is the loss
         model = detection.detection_training_model(student, info.num_classes)
