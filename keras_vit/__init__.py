@@ -14,6 +14,8 @@ from keras_vit.registry import (  # noqa: E402
 # Registers what the apps save with a model (the optimizer's learning-rate schedule), so
 # keras.saving.load_model("runs/<run>/model.keras") works after `import keras_vit` alone.
 from keras_vit.training import schedules as _schedules  # noqa: E402,F401
+# ... and the compressed models' own layers (patch slimming, VTP's gates).
+from keras_vit import compress  # noqa: E402,F401
 from keras_vit.registry import _import_families  # noqa: E402
 
 # Every family's layers and the segmentation losses/metrics a run's model.keras names.

@@ -58,6 +58,9 @@ def prune_heads(model, keep, prefix="blocks."):
     replaced = {}
     for name, kept in keep.items():
         block = blocks[name]
+        if block.ranks:  # the factors mix the heads' columns
+            raise ValueError(f"{name} is factorised (low rank); prune heads before "
+                             "factorize_dense")
         heads, d = block.attn.num_heads, block.attn.head_dim
         kept = sorted(set(int(h) for h in kept))
         if not kept or kept[-1] >= heads or kept[0] < 0:
