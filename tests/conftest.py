@@ -79,6 +79,9 @@ def pytest_terminal_summary(terminalreporter):
                 per_file[path] = per_file.get(path, 0.0) + cpu
     if not per_test:
         return
+    if os.environ.get("KERAS_VIT_TEST_CPU_JSON"):  # every test's CPU s, for choosing cuts
+        with open(os.environ["KERAS_VIT_TEST_CPU_JSON"], "w") as f:
+            json.dump(per_test, f, indent=0, sort_keys=True)
     write = terminalreporter.write_line
     terminalreporter.section("CPU seconds per file (this process and its subprocesses)")
     for path, cpu in sorted(per_file.items(), key=lambda kv: -kv[1]):

@@ -11,8 +11,9 @@ scripts/main_job.sh`, the full 10-minute job: tests/test_training.py runs its fl
 reduced size; `bash scripts/test.sh`, this suite), the training examples that need ImageNet,
 several GPUs, a cluster or a TPU (tests/test_training.py runs the strategies), the
 Pretrained weights snippet (it downloads from the Hugging Face Hub; tests/test_pretrained.py
-loads through a local hub cache) and the benchmark command (it needs an interpreter with
-torch and timm).
+loads through a local hub cache), the benchmark command (it needs an interpreter with
+torch and timm) and the compress command (five methods, each fine-tuned 250 steps: minutes;
+tests/test_compress_app.py runs the app on a small model).
 """
 
 import json
