@@ -15,7 +15,9 @@ Methods: heads (Michel et al.: iterative head pruning by gate-gradient importanc
 (Zhu et al.: L1-sparse dimension gates, trained --vtp_steps, then pruned), patch_slimming
 (Tang et al.: patches kept per block, chosen top-down on training images), low_rank (SVD
 of the blocks' Dense layers at --low_rank_params of their weights), layer_drop (the
---keep_blocks evenly spread blocks; for a model trained with layer_drop).
+--keep_blocks evenly spread blocks; for a model trained with layer_drop), linear (the
+dense attention swapped for linear attention with the same weights: the survey's O(N)
+mixer, which needs fine-tuning).
 """
 
 import json
@@ -32,7 +34,7 @@ prepare_environment()
 from absl import app, flags  # noqa: E402
 
 F = flags.FLAGS
-METHODS = ("heads", "vtp", "patch_slimming", "low_rank", "layer_drop")
+METHODS = ("heads", "vtp", "patch_slimming", "low_rank", "layer_drop", "linear")
 flags.DEFINE_string("model_path", None, "A .keras file or a training model_dir.", required=True)
 flags.DEFINE_list("methods", list(METHODS), f"Any of {','.join(METHODS)}.")
 flags.DEFINE_string("output_dir", None, "Where each method's model goes (default: "
@@ -194,7 +196,13 @@ def compress_patch_slimming(model, data):
     return slim_patches(model, keep), {"patches_per_block": list(keep)}
 
 
-COMPRESS = {"heads": compress_heads, "vtp": compress_vtp,
+def compress_linear(model, data):
+    from keras_vit.compress import with_attention
+
+    return with_attention(model, "linear"), {"attention": "linear (the dense weights)"}
+
+
+COMPRESS = {"linear": compress_linear, "heads": compress_heads, "vtp": compress_vtp,
             "patch_slimming": compress_patch_slimming, "low_rank": compress_low_rank,
             "layer_drop": compress_layer_drop}
 

@@ -17,7 +17,7 @@ import keras_vit
 from keras_vit.compress import (count_heads, energy_for_fraction, energy_rank,
                                 every_other_block, factorize_dense, head_gate_gradients,
                                 head_importance, keep_blocks, least_important_heads_removed,
-                                prune_heads, prune_heads_iteratively)
+                                prune_heads, prune_heads_iteratively, with_attention)
 from helpers import check_keras_round_trip, check_tflite_fp32, check_train_step_lowers_loss
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
@@ -207,3 +207,13 @@ def test_iterative_pruning_removes_the_fraction_over_its_rounds():
     assert all(n >= 1 for n in count_heads(pruned).values())
     with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\)"):
         prune_heads_iteratively(model, batches, 1.0)
+
+
+def test_swapped_attention_is_the_model_built_with_it_and_the_same_weights(tmp_path):
+    model = keras_vit.create_model("deit_small_patch16_224", **SMALL)
+    linear = with_attention(model, "linear")
+    direct = keras_vit.create_model("deit_small_patch16_224", attention="linear", **SMALL)
+    direct.set_weights(model.get_weights())  # linear attention keeps the dense weights
+    assert_equal_and_ordinary(linear, direct, tmp_path)
+    with pytest.raises(ValueError, match="does not keep the dense layer's weights"):
+        with_attention(model, "lsra")

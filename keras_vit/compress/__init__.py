@@ -4,7 +4,7 @@ survey's efficient-transformer techniques applied after (or during) training."""
 from keras_vit.compress.heads import (count_heads, head_gate_gradients, head_importance,
                                      least_important_heads_removed, prune_heads,
                                      prune_heads_iteratively)
-from keras_vit.compress.layers import every_other_block, keep_blocks
+from keras_vit.compress.layers import every_other_block, keep_blocks, with_attention
 from keras_vit.compress.low_rank import energy_for_fraction, energy_rank, factorize_dense
 from keras_vit.compress.patch_slimming import (PatchSlimmedBlock, patch_slimming_schedule,
                                                slim_patches)
@@ -15,5 +15,5 @@ __all__ = ["GatedTransformerBlock", "add_dimension_gates", "count_heads", "dimen
            "energy_for_fraction", "energy_rank", "every_other_block", "factorize_dense",
            "head_gate_gradients", "head_importance", "keep_blocks",
            "least_important_heads_removed", "prune_dimensions", "prune_heads",
-           "prune_heads_iteratively"]
-__all__ += ["PatchSlimmedBlock", "patch_slimming_schedule", "slim_patches"]
+           "prune_heads_iteratively", "PatchSlimmedBlock", "patch_slimming_schedule",
+           "slim_patches", "with_attention"]

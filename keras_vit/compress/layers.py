@@ -48,3 +48,29 @@ def keep_blocks(model, keep, prefix="blocks.", name=None):
                                       call_function=call)
     return keras.Model(pruned.input, pruned.output,
                        name=name or f"{model.name}_{len(keep)}of{len(blocks)}_blocks")
+
+
+def with_attention(model, attention, attention_args=None, prefix="blocks."):
+    """The model with every TransformerBlock's mixer swapped for ``attention`` (linear, topk,
+    bigbird: the kinds that keep the dense layer's qkv/proj weights), all weights copied: a
+    trained dense model becomes e.g. its linear-attention twin, to fine-tune."""
+    from keras_vit.layers.blocks import TransformerBlock
+
+    blocks = {b.name: b for b in block_layers(model, prefix).values()
+              if isinstance(b, TransformerBlock)}
+    if not blocks:
+        raise ValueError(f"{model.name} has no TransformerBlocks named {prefix}<i>")
+    replaced = {name: TransformerBlock.from_config(
+        {**b.get_config(), "attention": attention, "attention_args": dict(attention_args or {})})
+        for name, b in blocks.items()}
+    clone = keras.models.clone_model(
+        model, clone_function=lambda layer: replaced.get(layer.name, layer))
+    for name, new in replaced.items():
+        old = {w.path.split("/", 1)[1]: w for w in blocks[name].weights}
+        tails = [w.path.split("/", 1)[1] for w in new.weights]
+        if sorted(tails) != sorted(old):
+            raise ValueError(f"attention={attention!r} does not keep the dense layer's weights "
+                             f"(its own: {sorted(set(tails) - set(old))}); use one that does")
+        for w, tail in zip(new.weights, tails):
+            w.assign(old[tail])
+    return keras.Model(clone.input, clone.output, name=f"{model.name}_{attention}")
