@@ -99,7 +99,7 @@ flags.DEFINE_bool("attention_sweep", False, "Time the token mixers (layer and en
                   "against sequence length instead of a model; see the module doc.")
 flags.DEFINE_string("attention_kinds", "dense,linear,bigbird,topk", "--attention_sweep: comma "
                     "list of dense, linear, bigbird, topk.")
-flags.DEFINE_string("sequence_lengths", "196,784,3136,12544", "--attention_sweep: comma list "
+flags.DEFINE_string("sequence_lengths", "196,784,3136,12544,16384", "--attention_sweep: comma list "
                     "of sequence lengths (up to 16384).")
 flags.DEFINE_integer("attention_dim", 384, "--attention_sweep: embedding width.")
 flags.DEFINE_integer("attention_heads", 6, "--attention_sweep: heads.")

@@ -27,7 +27,7 @@ import time
 from keras_vit.measure import median, peak_rss_mib, reset_peak_rss
 
 KINDS = ("dense", "linear", "bigbird", "topk")
-LENGTHS = (196, 784, 3136, 12544)
+LENGTHS = (196, 784, 3136, 12544, 16384)
 MAX_LENGTH = 16384
 QUADRATIC = {"dense": 2, "topk": 2, "linear": 1, "bigbird": 1}  # time exponent in N
 FULL_MATRIX = ("dense", "topk")  # kinds that build the N x N logits
@@ -220,6 +220,21 @@ def largest_measured(rows, kind, part):
     return series[-1][0] if series else None
 
 
+def fits_in(rows, kind, part, gib=24.0):
+    """The largest N whose peak memory stays within ``gib`` GiB, extrapolated on a log-log
+    line through the two longest measured lengths (None with fewer than two, or memory not
+    growing)."""
+    series = sorted((r["length"], r["peak_mib"]) for r in rows
+                    if r["kind"] == kind and r["part"] == part and r["ms"] and r["peak_mib"])
+    if len(series) < 2:
+        return None
+    (n0, m0), (n1, m1) = series[-2:]
+    if m1 <= m0:
+        return None
+    slope = math.log(m1 / m0) / math.log(n1 / n0)
+    return int(n1 * (gib * 1024 / m1) ** (1 / slope))
+
+
 def _fmt(value, digits=1):
     if value is None:
         return ""
@@ -261,6 +276,12 @@ def summary_lines(rows, kinds):
         out.append(f"{kind}: largest length measured within the budget: layer "
                    + (f"{largest['layer']:,}" if largest["layer"] else "none") + ", encoder "
                    + (f"{largest['encoder']:,}" if largest["encoder"] else "none"))
+    for kind in kinds:
+        fits = {part: fits_in(rows, kind, part) for part in PARTS}
+        if any(fits.values()):
+            out.append(f"{kind}: largest length in 24 GiB (peak memory extrapolated on the "
+                       "log-log line of the two longest lengths): "
+                       + ", ".join(f"{part} ~{fits[part]:,}" for part in PARTS if fits[part]))
     return out
 
 

@@ -180,3 +180,8 @@ def test_attention_sweep_helpers():
     table = ba.markdown_table(rows + [dict(kind="dense", length=400, part="encoder", ms=None,
                                            peak_mib=None, skipped="skipped: > budget")])
     assert "| dense | 400 | 16.0 | 1.00 | skipped: > budget |  |" in table
+    # memory x4 per x2 in N (quadratic) from 1 GiB at N = 1,000: 24 GiB at N ~ 1,000 x sqrt(24)
+    grows = [dict(kind="dense", length=n, part="layer", ms=1.0, peak_mib=mib, skipped=None)
+             for n, mib in ((500, 256.0), (1000, 1024.0))]
+    assert ba.fits_in(grows, "dense", "layer") == int(1000 * 24 ** 0.5)
+    assert ba.fits_in(grows[:1], "dense", "layer") is None  # one point: no line
