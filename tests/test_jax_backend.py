@@ -89,6 +89,22 @@ def jax_run(tmp_path_factory):
     return work, results
 
 
+def test_vit_matches_tensorflow_under_jax_with_default_xla_flags(jax_run):
+    """What users run: JAX with XLA's default optimisation (the run above turns it off for
+    speed), on ViT's variant, against the same TensorFlow outputs."""
+    work, _ = jax_run
+    env = dict(os.environ, KERAS_BACKEND="jax", CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, __file__, str(work), "jax_default", "vit"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    with open(work / "jax_default_results.json") as f:
+        assert json.load(f)["errors"] == {}
+    tf_out, jax_out = np.load(work / "vit.tf.npz"), np.load(work / "vit.jax_default.npz")
+    ref = tf_out["y0"]
+    # the module's tolerance: RTOL of the output's scale
+    assert np.max(np.abs(jax_out["y0"] - ref)) <= RTOL * max(1.0, float(np.max(np.abs(ref))))
+
+
 def test_keras_vit_does_not_import_tensorflow_under_jax(jax_run):
     _, results = jax_run
     assert results["tensorflow_imported"] == [], results["tensorflow_imported"]
@@ -111,8 +127,9 @@ def test_jax_backend_matches_tensorflow(variant, jax_run):
         assert diff <= RTOL * max(1.0, scale), f"{variant} {name}: {diff:.2e} (scale {scale:.3g})"
 
 
-def _run_under_jax(work):
-    """The subprocess: every variant under the JAX backend, outputs in <variant>.jax.npz."""
+def _run_under_jax(work, suffix="jax", variants=None):
+    """The subprocess: ``variants`` (default all) under the JAX backend, outputs in
+    <variant>.<suffix>.npz, results in <suffix>_results.json."""
     assert keras.backend.backend() == "jax"
     import keras_vit  # noqa: F401  (first, to see whether it imports TensorFlow)
 
@@ -121,7 +138,7 @@ def _run_under_jax(work):
     results = {"errors": {}, "tensorflow_imported": [], "seconds": {}}
     if "tensorflow" in sys.modules:
         results["tensorflow_imported"].append("import keras_vit")
-    for variant in VARIANTS:
+    for variant in variants or VARIANTS:
         start = time.process_time()
         try:
             # Deferred initial values: load_weights replaces them, and under JAX each
@@ -130,16 +147,16 @@ def _run_under_jax(work):
                 model = _build(variant)
             model.load_weights(os.path.join(work, f"{variant}.weights.h5"))
             x = np.load(os.path.join(work, f"{variant}.tf.npz"))["x"]
-            np.savez(os.path.join(work, f"{variant}.jax.npz"), **_outputs(model, x))
+            np.savez(os.path.join(work, f"{variant}.{suffix}.npz"), **_outputs(model, x))
         except Exception:  # noqa: BLE001  (reported per variant, the others still run)
             results["errors"][variant] = traceback.format_exc()
         keras.backend.clear_session()
         results["seconds"][variant] = time.process_time() - start  # CPU s, to choose cuts
         if "tensorflow" in sys.modules and not results["tensorflow_imported"]:
             results["tensorflow_imported"].append(f"building {variant}")
-    with open(os.path.join(work, "jax_results.json"), "w") as f:
+    with open(os.path.join(work, f"{suffix}_results.json"), "w") as f:
         json.dump(results, f)
 
 
 if __name__ == "__main__":
-    _run_under_jax(sys.argv[1])
+    _run_under_jax(sys.argv[1], *sys.argv[2:3], variants=sys.argv[3:] or None)

@@ -50,12 +50,12 @@ def test_keeping_every_patch_is_the_original_model():
     model, x = tiny(), sample()
     slim = slim_patches(model, [PATCHES] * 3)
     assert not any(isinstance(layer, PatchSlimmedBlock) for layer in slim.layers)
-    np.testing.assert_allclose(slim(x), model(x), atol=1e-6)
+    np.testing.assert_allclose(slim(x), model(x), atol=1e-6)  # same layers: float32 rounding
     # the last block's patches are read by nothing (the head takes [CLS]): dropping them all
     # changes no output, as the paper's last-layer mask (the class token alone) says
     last = slim_patches(model, [PATCHES, PATCHES, 0])
     assert block_tokens(last) == [17, 17, 1]
-    np.testing.assert_allclose(last(x), model(x), atol=1e-6)
+    np.testing.assert_allclose(last(x), model(x), atol=1e-6)  # the head reads [CLS] only
 
 
 def numpy_layer_norm(layer, x):
@@ -99,8 +99,8 @@ def test_slimmed_blocks_keep_the_patches_the_paper_scores_highest():
     outputs = keras.Model(slim.input, [slim.get_layer(f"blocks.{i}_slim").output
                                        for i in range(3)] + [slim.output])(x)
     for got, want in zip(outputs[:3], expected):
-        np.testing.assert_allclose(np.asarray(got)[0], want, atol=1e-5)
-    np.testing.assert_allclose(outputs[3], logits, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(got)[0], want, atol=1e-5)  # other matmul shapes
+    np.testing.assert_allclose(outputs[3], logits, atol=1e-5)  # float32 vs float64 scores
     assert not np.allclose(outputs[3], model(x), atol=1e-4)  # something was dropped
 
 
@@ -116,7 +116,7 @@ def test_schedule_is_non_increasing_and_meets_its_tolerance():
         assert error <= tolerance
         slimmed = np.asarray(slim_patches(model, keep)(x), np.float64)
         measured = np.linalg.norm(slimmed - reference) / np.linalg.norm(reference)
-        np.testing.assert_allclose(measured, error, atol=1e-6)
+        np.testing.assert_allclose(measured, error, atol=1e-6)  # eager vs graph rounding
         assert measured <= tolerance + 1e-6
     assert sum(schedules[0.2]) < sum(schedules[0.02])  # a looser tolerance keeps fewer
 

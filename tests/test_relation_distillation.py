@@ -121,6 +121,7 @@ def test_relations_read_the_blocks_own_attention():
     h = block.norm1(block_input)
     q, k = ops.split(block.attn.qkv(h), 3, axis=-1)[:2]
     relation = ops.softmax(relation_logits(q, k, 2), axis=-1)
+    # the same softmax of the same q k^T, scaled as sqrt(d) vs the layer's d ** -0.5: rounding
     np.testing.assert_allclose(np.asarray(relation), np.asarray(block_attention(block, block_input)),
                                rtol=1e-5, atol=1e-6)
 

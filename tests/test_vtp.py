@@ -58,7 +58,7 @@ def test_gated_model_starts_as_the_original_and_saves(model, x, tmp_path):
     assert set(gates) == set(BLOCKS)
     assert all(np.all(g["attn"] == 1) and g["attn"].shape == (32,) and
                np.all(g["mlp"] == 1) and g["mlp"].shape == (128,) for g in gates.values())
-    np.testing.assert_allclose(_np(gated(x)), _np(model(x)), atol=1e-6)
+    np.testing.assert_allclose(_np(gated(x)), _np(model(x)), atol=1e-6)  # gates of 1: x * 1.0
     # copied, not shared: training the gated model leaves the original as it was
     assert not {id(w) for w in gated.weights} & {id(w) for w in model.weights}
     check_keras_round_trip(gated, x, tmp_path)
