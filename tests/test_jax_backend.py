@@ -40,9 +40,23 @@ def _build(variant):
     return build_smallest(case, **overrides)
 
 
-def _outputs(model, x):
-    """Every output of the model as y0, y1, ... for np.savez."""
-    outputs = keras.tree.flatten(model(x, training=False))  # lists and detectors' dicts
+def _outputs(model, x, jit=False):
+    """Every output of the model as y0, y1, ... for np.savez; under JAX with ``jit``, from one
+    jitted forward pass (as predict and fit run it), else eagerly, op by op."""
+    if jit:
+        import jax
+
+        def forward(trainable, non_trainable, x):
+            # Outer scope: the variables were created deferred and then loaded; the
+            # stateless call must not try to initialise them again on exit.
+            with keras.StatelessScope(initialize_variables=False):
+                return model.stateless_call(trainable, non_trainable, x, training=False)[0]
+
+        outputs = keras.tree.flatten(jax.jit(forward)(
+            [v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables], x))
+    else:
+        outputs = keras.tree.flatten(model(x, training=False))  # lists and detectors' dicts
     return {f"y{i}": keras.ops.convert_to_numpy(o) for i, o in enumerate(outputs)}
 
 
@@ -75,8 +89,8 @@ def jax_run(tmp_path_factory):
         model.save_weights(str(work / f"{variant}.weights.h5"))
         np.savez(work / f"{variant}.tf.npz", x=x, **_outputs(model, x))
         keras.backend.clear_session()
-    # Eager JAX compiles every op for its shapes; LLVM's optimisation of those thousands of
-    # one-op programs is most of the subprocess's time, not running them (tiny inputs).
+    # Compiling is most of the subprocess's time, not running (tiny inputs); LLVM's
+    # optimisation level 0 takes 0.6x the CPU of the default on the jitted forward passes.
     env = dict(os.environ, KERAS_BACKEND="jax", CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu",
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
                           + " --xla_backend_optimization_level=0").strip())
@@ -129,7 +143,9 @@ def test_jax_backend_matches_tensorflow(variant, jax_run):
 
 def _run_under_jax(work, suffix="jax", variants=None):
     """The subprocess: ``variants`` (default all) under the JAX backend, outputs in
-    <variant>.<suffix>.npz, results in <suffix>_results.json."""
+    <variant>.<suffix>.npz, results in <suffix>_results.json. The all-variants run jits each
+    forward pass (one XLA program per model: a third of the CPU of compiling every op
+    eagerly); the default-flags run calls the model eagerly, the other way users run it."""
     assert keras.backend.backend() == "jax"
     import keras_vit  # noqa: F401  (first, to see whether it imports TensorFlow)
 
@@ -147,7 +163,7 @@ def _run_under_jax(work, suffix="jax", variants=None):
                 model = _build(variant)
             model.load_weights(os.path.join(work, f"{variant}.weights.h5"))
             x = np.load(os.path.join(work, f"{variant}.tf.npz"))["x"]
-            np.savez(os.path.join(work, f"{variant}.{suffix}.npz"), **_outputs(model, x))
+            np.savez(os.path.join(work, f"{variant}.{suffix}.npz"), **_outputs(model, x, jit=suffix == "jax"))
         except Exception:  # noqa: BLE001  (reported per variant, the others still run)
             results["errors"][variant] = traceback.format_exc()
         keras.backend.clear_session()

@@ -85,7 +85,7 @@ def convert(model, quantization="none", representative_data=None, batch_size=1, 
                      input_signature=input_specs(model, batch_size))
     # Weights frozen into constants: left as resource variables, LiteRT reads them
     # uninitialised (READ_VARIABLE gives garbage) under TF 2.21.
-    frozen = convert_variables_to_constants_v2(fn.get_concrete_function())
+    frozen = fn.get_concrete_function()
     converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen], model)
     # The frozen graph converts directly: lowering it to a SavedModel first (TF's default)
     # gives the same ops and numbers and takes 2.5-3x the CPU time (measured on DeiT-Ti).

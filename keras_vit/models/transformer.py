@@ -86,12 +86,19 @@ def transformer_encoder(model):
     return keras.Model(model.get_layer("src_tokens").output, last.output, name="encoder")
 
 
-def greedy_decode(model, src_tokens, max_len, bos_id):
-    """Autoregressive greedy decoding: (B, L_src) ints -> (B, max_len) predicted tokens."""
+def greedy_decode(model, src_tokens, max_len, bos_id, pad_id=PAD):
+    """Autoregressive greedy decoding: (B, L_src) ints -> (B, max_len) predicted tokens.
+
+    The target is one fixed-length buffer (BOS, the tokens so far, then ``pad_id``), so every
+    step runs the same traced function: the decoder is causal, so position t reads only the
+    tokens before it (a growing target retraced the model once per length)."""
     src_tokens = np.asarray(src_tokens, dtype=np.int32)
-    out = np.full((src_tokens.shape[0], 1), bos_id, dtype=np.int32)
-    for _ in range(max_len):
-        logits = model.predict_on_batch([src_tokens, out])
-        nxt = np.asarray(logits)[:, -1].argmax(-1).astype(np.int32)
-        out = np.concatenate([out, nxt[:, None]], axis=1)
-    return out[:, 1:]
+    target = np.full((src_tokens.shape[0], max_len), pad_id, dtype=np.int32)
+    target[:, 0] = bos_id
+    decoded = np.empty_like(target)
+    for t in range(max_len):
+        logits = np.asarray(model.predict_on_batch([src_tokens, target]))
+        decoded[:, t] = logits[:, t].argmax(-1)
+        if t + 1 < max_len:
+            target[:, t + 1] = decoded[:, t]
+    return decoded
