@@ -58,7 +58,9 @@ prepare_environment()
 
 from absl import app, flags, logging  # noqa: E402
 
-MODES = ("tf_function", "xla", "tflite_fp32", "tflite_int8", "train")
+# keras_vit.benchmark's (importing it would load TensorFlow before the flags are checked)
+DEFAULT_MODES = ("tf_function", "xla", "tflite_fp32", "tflite_int8", "train")
+MODES = DEFAULT_MODES + ("tf_function_bf16", "xla_bf16", "tflite_dynamic", "train_bf16")
 
 F = flags.FLAGS
 flags.DEFINE_string("model", "vit_small_patch16_224", "Registered model name "
@@ -68,7 +70,9 @@ flags.DEFINE_string("model_args", "{}", "JSON dict of builder overrides (e.g. '{
 flags.DEFINE_integer("img_size", None, "Input size (default: the model's).")
 flags.DEFINE_integer("batch_size", 8, "Batch size of the throughput (images/s) measurements.")
 flags.DEFINE_integer("threads", None, "Threads for TFLite, TensorFlow intra-op and torch (default: the CPU count).")
-flags.DEFINE_string("modes", ",".join(MODES), f"Comma list of: {', '.join(MODES)}.")
+flags.DEFINE_string("modes", ",".join(DEFAULT_MODES), f"Comma list of: {', '.join(MODES)} "
+                    "(*_bf16: the model under Keras' mixed_bfloat16 policy; tflite_dynamic: "
+                    "int8 weights, float activations).")
 flags.DEFINE_integer("warmup", 2, "Untimed calls before each measurement.")
 flags.DEFINE_integer("iters", 10, "Timed calls per measurement (the median call is used).")
 flags.DEFINE_float("seconds", None, "Time each measurement for this long instead of --iters calls.")

@@ -30,6 +30,10 @@ flags.DEFINE_string("model_path", None, "A .keras file, a training model_dir or 
 flags.DEFINE_string("dataset", None, "shapes | folder:PATH | tfrecord:GLOB | tfds:NAME "
                     "(default: the training run's, else shapes).")
 flags.DEFINE_string("split", "validation", "Split to evaluate.")
+flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16", "float16"],
+                  "Classifiers: evaluate the model under this Keras mixed policy (float32 "
+                  "variables, bfloat16/float16 compute) and report its top-1 agreement with "
+                  "float32 (on a CPU without AVX-512 BF16, bfloat16 is emulated: slower).")
 flags.DEFINE_integer("val_samples", None, "Number of images (default: the training run's "
                      "--val_samples; all of the split for folders and TFRecords).")
 flags.DEFINE_integer("batch_size", 64, "Batch size.")
@@ -74,13 +78,19 @@ def data_settings(model_path, prep):
     return settings
 
 
-def evaluate(model, pipe, num_classes):
+def evaluate(model, pipe, num_classes, float32_model=None):
+    """Top-1/top-5, per-class accuracy and the confusion matrix of ``model``; with
+    ``float32_model`` (``model`` being its reduced-precision copy) also the share of images
+    whose top-1 class the two agree on."""
     import numpy as np
 
     confusion = np.zeros((num_classes, num_classes), np.int64)
-    top5 = total = 0
+    top5 = total = agree = 0
     for images, labels in pipe:
-        logits = np.asarray(model(images, training=False))
+        logits = np.asarray(model(images, training=False), np.float32)
+        if float32_model is not None:
+            reference = np.asarray(float32_model(images, training=False))
+            agree += int((reference.argmax(-1) == logits.argmax(-1)).sum())
         labels = np.asarray(labels)
         confusion += np.bincount(labels * num_classes + logits.argmax(-1),
                                  minlength=num_classes ** 2).reshape(num_classes, num_classes)
@@ -88,8 +98,11 @@ def evaluate(model, pipe, num_classes):
         top5 += int((np.argsort(-logits, -1)[:, :k] == labels[:, None]).any(-1).sum())
         total += len(labels)
     per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
-    return dict(top1=float(confusion.trace() / max(total, 1)), top5=float(top5 / max(total, 1)),
-                per_class=per_class.tolist(), confusion=confusion.tolist(), count=int(total))
+    metrics = dict(top1=float(confusion.trace() / max(total, 1)), top5=float(top5 / max(total, 1)),
+                   per_class=per_class.tolist(), confusion=confusion.tolist(), count=int(total))
+    if float32_model is not None:
+        metrics["top1_agreement_with_float32"] = agree / max(total, 1)
+    return metrics
 
 
 def plot_confusion(confusion, names, path):
@@ -171,6 +184,8 @@ def main(argv):
     print(f"evaluating on {data['dataset']} ({F.split}, seed {data['seed']}, {img_size} px; "
           f"settings from {data['source']})")
     task = F.task or prep.get("task") or _registry_task(model)
+    if F.precision != "float32" and task != "classification":
+        fail(f"--precision={F.precision} evaluates classifiers; this is a {task} model")
     if task == "segmentation":
         return evaluate_segmentation(model, prep, data)
     if task == "detection":
@@ -184,14 +199,24 @@ def main(argv):
     pipe = make_pipeline(ds, training=False, img_size=img_size, batch_size=F.batch_size,
                          num_classes=info.num_classes, mean=prep["mean"], std=prep["std"],
                          crop_pct=prep["crop_pct"], interpolation=prep["interpolation"])
-    metrics = evaluate(model, pipe, info.num_classes)
+    if F.precision == "float32":
+        metrics = evaluate(model, pipe, info.num_classes)
+    else:
+        from keras_vit.precision import with_dtype_policy
+
+        metrics = evaluate(with_dtype_policy(model, F.precision), pipe, info.num_classes,
+                           float32_model=model)
+    metrics["precision"] = F.precision
     out = F.output_dir or model_dir_of(F.model_path)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(dict(metrics, class_names=names), f, indent=1)
     plot_confusion(metrics["confusion"], names, os.path.join(out, "confusion_matrix.png"))
     print(f"top-1 {100 * metrics['top1']:.2f}%  top-5 {100 * metrics['top5']:.2f}%  "
-          f"({metrics['count']} images)")
+          f"({metrics['count']} images, {F.precision})")
+    if "top1_agreement_with_float32" in metrics:
+        print(f"top-1 agreement of {F.precision} with float32: "
+              f"{100 * metrics['top1_agreement_with_float32']:.2f}%")
     for name, acc in zip(names, metrics["per_class"]):
         print(f"  {name:>12s} {100 * acc:6.2f}%")
     print(f"metrics and confusion matrix in {out}")

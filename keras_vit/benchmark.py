@@ -33,7 +33,10 @@ import numpy as np
 
 from keras_vit.measure import median, peak_rss_mib, reset_peak_rss, timed  # noqa: F401
 
-MODES = ("tf_function", "xla", "tflite_fp32", "tflite_int8", "train")
+# What a plain run measures; MODES adds the reduced-precision ones (bf16: the model under
+# Keras' mixed_bfloat16 policy; dynamic: int8 weights, float activations).
+DEFAULT_MODES = ("tf_function", "xla", "tflite_fp32", "tflite_int8", "train")
+MODES = DEFAULT_MODES + ("tf_function_bf16", "xla_bf16", "tflite_dynamic", "train_bf16")
 TIMM_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark_timm.py")
 CSV_FIELDS = ("timestamp", "model", "framework", "mode", "img_size", "batch_size", "threads",
               "onednn", "images_per_s", "latency_ms", "peak_rss_mib", "memory_source",
@@ -73,11 +76,20 @@ class KerasBench:
         self._callables = {}
         self.notes = {}
 
+    def _model(self, mode):
+        """The model itself, or for a *_bf16 mode its copy under mixed_bfloat16 (one copy)."""
+        if not mode.endswith("_bf16"):
+            return self.model
+        if "bf16" not in self._callables:
+            from keras_vit.precision import with_dtype_policy
+
+            self._callables["bf16"] = with_dtype_policy(self.model, "mixed_bfloat16")
+        return self._callables["bf16"]
+
     # Each setup returns (batch-B callable, batch-1 callable or None).
-    def _setup_tf(self, jit_compile):
+    def _setup_tf(self, jit_compile, model):
         import tensorflow as tf
 
-        model = self.model
         fn = tf.function(lambda x: model(x, training=False), jit_compile=jit_compile)
         xb, x1 = tf.constant(self.x_batch), tf.constant(self.x_one)
         return (lambda: fn(xb)), (lambda: fn(x1))
@@ -89,11 +101,11 @@ class KerasBench:
         runners = []
         for batch in dict.fromkeys((self.batch_size, 1)):  # one file when B is 1
             path = os.path.join(self.tmp_dir, f"{self.model.name}_{quantization}_b{batch}.tflite")
-            if quantization == "int8":
+            if quantization in ("int8", "dynamic"):
                 # Random calibration data: a speed measurement only; export_tflite's top-1
                 # agreement check is meaningless for random data and weights, so skipped.
                 calib = _inputs(max(2 * batch, 8), self.img_size, 2)
-                report = export_tflite(self.model, path, "int8", representative_data=calib,
+                report = export_tflite(self.model, path, quantization, representative_data=calib,
                                        batch_size=batch, verify=False)
             else:
                 report = export_tflite(self.model, path, "none", batch_size=batch)
@@ -106,12 +118,13 @@ class KerasBench:
         if quantization == "int8":
             self.notes["tflite_int8"] = ("int8 calibrated on random normal images; speed "
                                          "only (agreement meaningless with random weights)")
+        elif quantization == "dynamic":
+            self.notes["tflite_dynamic"] = "int8 weights; speed only (not verified)"
         return (lambda: rb(xb)), (lambda: r1(x1))
 
-    def _setup_train(self):
+    def _setup_train(self, model):
         import keras
 
-        model = self.model
         n_out = len(model.outputs)
         num_classes = int(model.outputs[0].shape[-1])
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -126,13 +139,13 @@ class KerasBench:
     def setup(self, mode):
         if mode not in self._callables:
             t = time.perf_counter()
-            if mode in ("tf_function", "xla"):
-                self._callables[mode] = self._setup_tf(mode == "xla")
-            elif mode in ("tflite_fp32", "tflite_int8"):
+            if mode in ("tf_function", "xla", "tf_function_bf16", "xla_bf16"):
+                self._callables[mode] = self._setup_tf(mode.startswith("xla"), self._model(mode))
+            elif mode in ("tflite_fp32", "tflite_int8", "tflite_dynamic"):
                 self._callables[mode] = self._setup_tflite(mode.split("_")[1].replace(
                     "fp32", "none"))
-            elif mode == "train":
-                self._callables[mode] = self._setup_train()
+            elif mode in ("train", "train_bf16"):
+                self._callables[mode] = self._setup_train(self._model(mode))
             else:
                 raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
             self.log(f"  set up {mode} in {time.perf_counter() - t:.1f} s")
@@ -207,7 +220,7 @@ class TimmProcess:
 
 # --- the whole run ----------------------------------------------------------------------
 
-def benchmark(model, name, *, batch_size=8, threads=None, modes=MODES, warmup=2, iters=10,
+def benchmark(model, name, *, batch_size=8, threads=None, modes=DEFAULT_MODES, warmup=2, iters=10,
               seconds=None, rounds=3, timm_python=None, train_jit_compile=True, log=print):
     """Measures the Keras ``model`` in each mode and, when ``timm_python`` is given, timm's
     model of the registered ``name`` at the same input size, alternating Keras and timm
@@ -226,8 +239,9 @@ def benchmark(model, name, *, batch_size=8, threads=None, modes=MODES, warmup=2,
         log(f"timm {timm_proc.info['timm']} (torch {timm_proc.info['torch']}, "
             f"{timm_proc.info['threads']} threads), {timm_proc.info['params'] / 1e6:.2f} M "
             "parameters")
+    train_modes = {m for m in modes if m.startswith("train")}
     timm_modes = [m for m in ("infer", "train") if timm_proc and (
-        m == "train" and "train" in modes or m == "infer" and set(modes) - {"train"})]
+        m == "train" and train_modes or m == "infer" and set(modes) - train_modes)]
     per_round = {("keras", m): [] for m in modes}
     per_round.update({("timm", m): [] for m in timm_modes})
     loads = []
@@ -268,7 +282,7 @@ def benchmark(model, name, *, batch_size=8, threads=None, modes=MODES, warmup=2,
         rows.append(row)
     reference = {r["mode"]: r["images_per_s"] for r in rows if r["framework"] == "timm"}
     for row in rows:
-        ref = reference.get("train" if row["mode"] == "train" else "infer")
+        ref = reference.get("train" if row["mode"].startswith("train") else "infer")
         row["images_per_s_vs_timm"] = (row["images_per_s"] / ref
                                        if ref and row["framework"] == "keras" else None)
     return rows

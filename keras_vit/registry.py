@@ -95,7 +95,7 @@ def _check_name(name):
                          f"{len(_MODELS)}.")
 
 
-def create_model(name, pretrained=None, **kwargs):
+def create_model(name, pretrained=None, dtype_policy=None, **kwargs):
     """Builds a registered model, optionally with pretrained weights.
 
     ``name`` may carry a timm pretrained tag (``"vit_small_patch16_224.augreg_in21k"``):
@@ -107,6 +107,8 @@ def create_model(name, pretrained=None, **kwargs):
     and the tag's defaults; None leaves the default. A ``num_classes`` other than
     the checkpoint's gives a new, freshly initialised classifier on the pretrained
     body (timm's behaviour for fine-tuning); every other weight loads strictly.
+    ``dtype_policy`` ("mixed_bfloat16", "bfloat16", ...; default the global Keras policy)
+    builds every layer under that Keras dtype policy (see keras_vit.precision).
     """
     _import_families()
     model_name, tag = split_tag(name)
@@ -121,7 +123,13 @@ def create_model(name, pretrained=None, **kwargs):
             pretrained = download(checkpoint_cfg["hf_hub_id"])
         kwargs = {"num_classes": checkpoint_cfg["num_classes"],
                   "img_size": checkpoint_cfg["input_size"], **kwargs}
-    model = fn(**kwargs)
+    if dtype_policy is None:
+        model = fn(**kwargs)
+    else:
+        from keras_vit.precision import dtype_policy_scope
+
+        with dtype_policy_scope(dtype_policy):
+            model = fn(**kwargs)
     if pretrained:
         from keras_vit.convert import load_checkpoint, load_timm_weights
 

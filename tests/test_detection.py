@@ -61,7 +61,7 @@ def test_in_graph_matcher_equals_scipy_on_random_costs():
 
     compiled = tf.function(linear_sum_assignment_in_graph, jit_compile=True)
     rng = np.random.default_rng(0)
-    for trial in range(30):
+    for trial in range(30):  # eagerly every trial; under XLA (a compile per shape) 8 of them
         queries, targets = int(rng.integers(1, 40)), int(rng.integers(1, 12))
         targets = min(targets, queries)
         count = int(rng.integers(0, targets + 1))
@@ -70,7 +70,8 @@ def test_in_graph_matcher_equals_scipy_on_random_costs():
         expected = _scipy_targets_to_queries(cost, count)
         np.testing.assert_array_equal(np_(linear_sum_assignment_in_graph(cost, count)),
                                       expected)
-        np.testing.assert_array_equal(compiled(cost, tf.constant(count)).numpy(), expected)
+        if trial < 8:
+            np.testing.assert_array_equal(compiled(cost, tf.constant(count)).numpy(), expected)
 
 
 def test_in_graph_matcher_is_optimal_against_brute_force():

@@ -26,6 +26,15 @@ def masked_logits(logits, mask):
     return ops.where(mask, logits, ops.cast(-big, logits.dtype))
 
 
+def softmax_float32(logits, axis=-1):
+    """Softmax computed in float32 and returned in the logits' dtype: under a bfloat16
+    policy, its 8-bit mantissa sums the exponentials of a long row with errors of a few
+    percent (float32 logits: unchanged, the casts vanish)."""
+    if logits.dtype == "float32":
+        return ops.softmax(logits, axis=axis)
+    return ops.cast(ops.softmax(ops.cast(logits, "float32"), axis=axis), logits.dtype)
+
+
 @keras.saving.register_keras_serializable(package="keras_vit")
 class MultiHeadAttention(keras.layers.Layer):
     """Multi-head attention with output projection, self or cross.
@@ -95,7 +104,7 @@ class MultiHeadAttention(keras.layers.Layer):
         return logits
 
     def attend(self, q, k, v, mask=None, bias=None, training=None):
-        attn = ops.softmax(self.scores(q, k, mask, bias), axis=-1)
+        attn = softmax_float32(self.scores(q, k, mask, bias))
         attn = self.attn_dropout(attn, training=training)
         return ops.matmul(attn, v)
 

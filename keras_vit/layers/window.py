@@ -16,7 +16,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_vit.layers.attention import MultiHeadAttention, merge_heads
+from keras_vit.layers.attention import MultiHeadAttention, merge_heads, softmax_float32
 from keras_vit.layers.blocks import ResidualBlock
 from keras_vit.layers.embedding import to_2tuple
 from keras_vit.layers.mlp import Mlp
@@ -159,7 +159,7 @@ class WindowAttention(MultiHeadAttention):
             logits = ops.reshape(logits, (-1, nw, self.num_heads, n * n))
             logits = logits + ops.cast(ops.reshape(attn_mask, (1, nw, 1, n * n)), logits.dtype)
             logits = ops.reshape(logits, (-1, self.num_heads, n, n))
-        attn = ops.softmax(logits, axis=-1)
+        attn = softmax_float32(logits)
         attn = self.attn_dropout(attn, training=training)
         out = merge_heads(ops.matmul(attn, v))
         return self.proj_dropout(self.proj(out), training=training)

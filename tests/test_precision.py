@@ -1,0 +1,75 @@
+"""Reduced precision (keras_vit.precision): a model copied under mixed_bfloat16 keeps its
+float32 weights exactly, computes its matmuls in bfloat16 and its softmax and LayerNorm in
+float32, is rebuilt identically from the float32 .keras file, and stays within bfloat16's
+rounding of float32."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_vit
+from conftest import images
+from keras_vit.layers.attention import softmax_float32
+from keras_vit.precision import dtype_policy_scope, policy_name, with_dtype_policy
+
+SMALL = {"vit_tiny_patch16_224": dict(img_size=32, patch_size=8, depth=2, num_classes=8),
+         "swin_tiny_patch4_window7_224": dict(img_size=56, depths=(2, 2), num_heads=(2, 4),
+                                              embed_dim=32, num_classes=8)}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_bfloat16_copy_keeps_weights_and_follows_float32(name, tmp_path):
+    model = keras_vit.create_model(name, **SMALL[name])
+    x = images(4, SMALL[name]["img_size"])
+    reduced = with_dtype_policy(model, "bfloat16")
+    for a, b in zip(model.weights, reduced.weights):
+        assert a.dtype == b.dtype == "float32"
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    dense = [layer for layer in reduced._flatten_layers() if isinstance(layer, keras.layers.Dense)]
+    assert dense and all(layer.compute_dtype == "bfloat16" for layer in dense)
+    reference = np.asarray(model(x))
+    out = reduced(x)
+    assert out.dtype == "bfloat16"
+    out = np.asarray(keras.ops.cast(out, "float32"))
+    # bfloat16 keeps 8 bits of mantissa: relative rounding 2^-9 per op, a few percent after
+    # a few blocks; random weights give small logits, so measured against their spread
+    assert np.max(np.abs(out - reference)) <= 0.05 * np.ptp(reference)
+    # The float32 model is the file to keep: loaded and copied again, the same bfloat16 model
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    again = with_dtype_policy(keras.saving.load_model(path), "bfloat16")
+    np.testing.assert_array_equal(np.asarray(keras.ops.cast(again(x), "float32")), out)
+
+
+def test_create_model_builds_every_layer_under_the_policy():
+    model = keras_vit.create_model("vit_tiny_patch16_224", dtype_policy="mixed_bfloat16",
+                                   **SMALL["vit_tiny_patch16_224"])
+    inner = [layer for layer in model._flatten_layers() if layer is not model
+             and not isinstance(layer, keras.layers.InputLayer)]
+    assert inner and {layer.dtype_policy.name for layer in inner} == {"mixed_bfloat16"}
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
+    with pytest.raises(ValueError, match="precision must be one of"):
+        keras_vit.create_model("vit_tiny_patch16_224", dtype_policy="int4")
+
+
+def test_softmax_float32_rounds_once():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((2, 3, 197, 197)).astype(np.float32) * 4
+    in_float32 = softmax_float32(keras.ops.cast(logits, "bfloat16"))
+    assert in_float32.dtype == "bfloat16"
+    bf16_logits = np.asarray(keras.ops.cast(keras.ops.cast(logits, "bfloat16"), "float32"))
+    expect = np.exp(bf16_logits - bf16_logits.max(-1, keepdims=True))
+    expect /= expect.sum(-1, keepdims=True)
+    got = np.asarray(keras.ops.cast(in_float32, "float32"))
+    # only the final rounding to bfloat16: within 2^-8 of each probability
+    np.testing.assert_allclose(got, expect, rtol=2 ** -8, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(softmax_float32(logits)),
+                                  np.asarray(keras.ops.softmax(logits, axis=-1)))
+
+
+def test_policy_names_and_scope():
+    assert policy_name("bfloat16") == "mixed_bfloat16"
+    assert policy_name("mixed_bfloat16") == "mixed_bfloat16"
+    with dtype_policy_scope("bfloat16"):
+        assert keras.config.dtype_policy().name == "mixed_bfloat16"
+    assert keras.config.dtype_policy().name == "float32"
