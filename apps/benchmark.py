@@ -60,7 +60,8 @@ from absl import app, flags, logging  # noqa: E402
 
 # keras_vit.benchmark's (importing it would load TensorFlow before the flags are checked)
 DEFAULT_MODES = ("tf_function", "xla", "tflite_fp32", "tflite_int8", "train")
-MODES = DEFAULT_MODES + ("tf_function_bf16", "xla_bf16", "tflite_dynamic", "train_bf16")
+MODES = DEFAULT_MODES + ("tf_function_bf16", "xla_bf16", "tflite_dynamic", "tflite_int8_mixed",
+                         "train_bf16")
 
 F = flags.FLAGS
 flags.DEFINE_string("model", "vit_small_patch16_224", "Registered model name "

@@ -36,7 +36,8 @@ from keras_vit.measure import median, peak_rss_mib, reset_peak_rss, timed  # noq
 # What a plain run measures; MODES adds the reduced-precision ones (bf16: the model under
 # Keras' mixed_bfloat16 policy; dynamic: int8 weights, float activations).
 DEFAULT_MODES = ("tf_function", "xla", "tflite_fp32", "tflite_int8", "train")
-MODES = DEFAULT_MODES + ("tf_function_bf16", "xla_bf16", "tflite_dynamic", "train_bf16")
+MODES = DEFAULT_MODES + ("tf_function_bf16", "xla_bf16", "tflite_dynamic", "tflite_int8_mixed",
+                         "train_bf16")
 TIMM_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark_timm.py")
 CSV_FIELDS = ("timestamp", "model", "framework", "mode", "img_size", "batch_size", "threads",
               "onednn", "images_per_s", "latency_ms", "peak_rss_mib", "memory_source",
@@ -101,7 +102,7 @@ class KerasBench:
         runners = []
         for batch in dict.fromkeys((self.batch_size, 1)):  # one file when B is 1
             path = os.path.join(self.tmp_dir, f"{self.model.name}_{quantization}_b{batch}.tflite")
-            if quantization in ("int8", "dynamic"):
+            if quantization in ("int8", "dynamic", "int8_mixed"):
                 # Random calibration data: a speed measurement only; export_tflite's top-1
                 # agreement check is meaningless for random data and weights, so skipped.
                 calib = _inputs(max(2 * batch, 8), self.img_size, 2)
@@ -115,9 +116,10 @@ class KerasBench:
             runners.append(LiteRTRunner(path, num_threads=self.threads))
         rb, r1 = runners[0], runners[-1]
         xb, x1 = self.x_batch, self.x_one
-        if quantization == "int8":
-            self.notes["tflite_int8"] = ("int8 calibrated on random normal images; speed "
-                                         "only (agreement meaningless with random weights)")
+        if quantization.startswith("int8"):
+            self.notes[f"tflite_{quantization}"] = (
+                f"{quantization} calibrated on random normal images; speed only (agreement "
+                "meaningless with random weights; int8_mixed: every matmul and conv int8)")
         elif quantization == "dynamic":
             self.notes["tflite_dynamic"] = "int8 weights; speed only (not verified)"
         return (lambda: rb(xb)), (lambda: r1(x1))
@@ -141,9 +143,9 @@ class KerasBench:
             t = time.perf_counter()
             if mode in ("tf_function", "xla", "tf_function_bf16", "xla_bf16"):
                 self._callables[mode] = self._setup_tf(mode.startswith("xla"), self._model(mode))
-            elif mode in ("tflite_fp32", "tflite_int8", "tflite_dynamic"):
-                self._callables[mode] = self._setup_tflite(mode.split("_")[1].replace(
-                    "fp32", "none"))
+            elif mode.startswith("tflite_"):
+                self._callables[mode] = self._setup_tflite(
+                    mode[len("tflite_"):].replace("fp32", "none"))
             elif mode in ("train", "train_bf16"):
                 self._callables[mode] = self._setup_train(self._model(mode))
             else:

@@ -109,9 +109,24 @@ def test_evaluate_and_export_default_to_the_runs_data(two_runs, tmp_path):
          "--modes=int8", "--nosaved_model"])
     report = read(f"{tmp_path}/exp/export_report.json")
     assert report["int8"]["top1_agreement"] == summary["tflite"]["top1_agreement"]
+    assert report["int8"]["latency_ms"] > 0 and "recommended" in report
     with open(f"{tmp_path}/exp/model_int8.tflite", "rb") as fa, \
             open(f"{run_dir}/export/model_int8.tflite", "rb") as fb:
         assert fa.read() == fb.read()
+
+
+def test_evaluate_in_bfloat16_reports_its_agreement_with_float32(two_runs, tmp_path):
+    run_dir = two_runs[0][0]
+    summary = read(f"{run_dir}/summary.json")
+    proc = run([app("evaluate.py"), f"--model_path={run_dir}", "--precision=bfloat16",
+                f"--output_dir={tmp_path}"])
+    metrics = read(f"{tmp_path}/metrics.json")
+    agreement = metrics["top1_agreement_with_float32"]
+    assert metrics["precision"] == "bfloat16" and metrics["count"] == 64
+    assert f"top-1 agreement of bfloat16 with float32: {100 * agreement:.2f}%" in proc.stdout
+    assert agreement >= 0.9
+    # accuracy can differ from float32's by the images whose class changed, no more
+    assert abs(metrics["top1"] - summary["val_accuracy"]) <= 1 - agreement + 1e-9
 
 
 def test_flags_txt_holds_the_apps_own_flags(two_runs):

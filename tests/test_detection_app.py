@@ -38,7 +38,7 @@ def test_train_evaluate_export(tmp_path):
     assert proc.returncode == 2 and "int8: not written" in proc.stdout, proc.stdout[-2000:]
     assert "no Keras detection to compare with" in proc.stderr
     report = read(os.path.join(tmp_path, "export", "export_report.json"))
-    assert set(report) == {"fp32"}
+    assert set(report) == {"fp32", "recommended"} and report["recommended"] == "fp32"
     assert not os.path.exists(os.path.join(tmp_path, "export", "model_int8.tflite"))
     assert report["fp32"]["max_abs_diff"] < 1e-3 * 48  # boxes within 1e-3 of the image size
     assert report["fp32"]["detection_agreement"] == 1.0

@@ -235,7 +235,7 @@ def test_a_wrong_output_fails_verification(tmp_path, monkeypatch):
     wrong.set_weights(model.get_weights())
     path = os.path.join(tmp_path, "det.tflite")
     real_convert = tflite_module.convert
-    monkeypatch.setattr(tflite_module, "convert", lambda m, *a: real_convert(wrong, *a))
+    monkeypatch.setattr(tflite_module, "convert", lambda m, *a, **k: real_convert(wrong, *a, **k))
     with pytest.raises(TFLiteExportError, match=r"output 'pred_boxes' differs") as error:
         export_tflite(model, path)
     assert "'logits'" not in str(error.value) and "file not written" in str(error.value)
@@ -338,7 +338,42 @@ def test_postprocessed_detector_exports_verified_in_every_mode(tmp_path):
     path = os.path.join(tmp_path, "wrong.tflite")
     real_convert = tflite_module.convert
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tflite_module, "convert", lambda m, *a: real_convert(wrong, *a))
+        patch.setattr(tflite_module, "convert", lambda m, *a, **k: real_convert(wrong, *a, **k))
         with pytest.raises(TFLiteExportError, match=r"reproduces .*% of Keras' detections"):
             export_tflite(model, path)
     assert not os.path.exists(path)
+
+
+def _op_input_types(path):
+    """{op name: set of its first input's dtype names} of a .tflite file."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=path)
+    dtypes = {t["index"]: np.dtype(t["dtype"]).name for t in interpreter.get_tensor_details()}
+    types = {}
+    for op in interpreter._get_ops_details():
+        types.setdefault(op["op_name"], set()).add(dtypes[op["inputs"][0]])
+    return types
+
+
+def test_int8_mixed_keeps_normalisation_and_softmax_float(small_vit, tmp_path):
+    """Matmuls and convolutions in int8, LayerNorm/softmax/GELU in float, verified on held-out
+    images; what the search kept float is in the report, and its last agreement is the one
+    the verification measured on the same images."""
+    calibration, held_out = colour_task(64, seed=6)[0], colour_task(96, seed=7)[0]
+    path = os.path.join(tmp_path, "mixed.tflite")
+    report = export_tflite(small_vit, path, quantization="int8_mixed",
+                           representative_data=calibration, verification_data=held_out)
+    mixed = report["mixed_precision"]
+    assert mixed["int8_ops"] == ["FULLY_CONNECTED", "CONV_2D"]
+    groups = set(mixed["float_groups"]) | set(mixed["int8_groups"])
+    assert {"patch_embed/proj", "blocks/attn/qkv", "blocks/mlp/fc2", "output"} <= groups
+    assert mixed["search"][-1]["agreement"] == report["top1_agreement"]
+    assert report["top1_agreement"] >= tflite_module.MIXED_TARGET_AGREEMENT or not mixed[
+        "int8_groups"]
+    types = _op_input_types(path)
+    for op in ("SOFTMAX", "GELU", "RSQRT", "BATCH_MATMUL"):
+        assert types[op] == {"float32"}, (op, types[op])
+    if mixed["int8_groups"]:
+        assert "int8" in types["FULLY_CONNECTED"] | types.get("CONV_2D", set())
+    assert report["size_bytes"] < 0.6 * len(tflite_module.convert(small_vit, "none"))

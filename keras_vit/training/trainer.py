@@ -21,8 +21,9 @@ from keras_vit.training.strategy import (STRATEGIES, get_strategy, is_chief, is_
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 TASKS = ("classification", "segmentation", "detection")
-TFLITE_EXPORTS = ("none", "fp32", "fp16", "dynamic", "int8")
-_TFLITE_MODE = {"fp32": "none", "fp16": "float16", "dynamic": "dynamic", "int8": "int8"}
+TFLITE_EXPORTS = ("none", "fp32", "fp16", "dynamic", "int8", "int8_mixed")
+_TFLITE_MODE = {"fp32": "none", "fp16": "float16", "dynamic": "dynamic", "int8": "int8",
+                "int8_mixed": "int8_mixed"}
 
 
 @dataclasses.dataclass
@@ -697,11 +698,15 @@ def _export_local(model, export_dir, tflite_mode, val_pipe):
     os.makedirs(export_dir, exist_ok=True)
     out = {"saved_model": export_saved_model(model, os.path.join(export_dir, "saved_model"))}
     if tflite_mode != "none":
-        data = representative_images(val_pipe)
-        if tflite_mode == "int8" and data is None:
-            raise ValueError("an int8 export needs validation data for calibration")
+        from keras_vit.export.tflite import CALIBRATION_IMAGES, HELD_OUT_IMAGES, calibration_split
+
+        data, held_out = calibration_split(
+            representative_images(val_pipe, CALIBRATION_IMAGES + HELD_OUT_IMAGES))
+        if tflite_mode.startswith("int8") and data is None:
+            raise ValueError(f"an {tflite_mode} export needs validation data for calibration")
         suffix = "" if tflite_mode == "fp32" else f"_{tflite_mode}"
         report = export_tflite(model, os.path.join(export_dir, f"model{suffix}.tflite"),
-                               quantization=_TFLITE_MODE[tflite_mode], representative_data=data)
+                               quantization=_TFLITE_MODE[tflite_mode], representative_data=data,
+                               verification_data=held_out)
         out["tflite"] = report
     return out
