@@ -3,7 +3,6 @@ the one way an app turns a flag into a model."""
 
 import json
 import os
-import sys
 
 
 # TensorFlow's start-up lines that say nothing about this run: a CUDA build probing for a
@@ -63,11 +62,6 @@ def prepare_environment(argv=None):
     # user's own setting wins. Must happen before TensorFlow is imported.
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    if os.environ["KERAS_BACKEND"] == "tensorflow" and "jax" not in sys.modules:
-        # TFLite's Python module imports JAX when it is installed (for from_jax, which the
-        # apps never call): 1.5 s of every app's start-up (measured). None in sys.modules
-        # makes that import fail as if JAX were absent, which TensorFlow handles.
-        sys.modules["jax"] = None
     if not os.environ.get("TF_CPP_MIN_LOG_LEVEL"):  # the user's own level wins
         # C++ INFO and WARNING lines off once TensorFlow has started; errors stay.
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0" if verbose_requested(argv) else "2"

@@ -125,7 +125,8 @@ def stop(message, code):
 
 def print_summary(s):
     lines = [f"model {s['model']} at {s['img_size']} px, {s['num_classes']} classes, "
-             f"{s['steps']} steps in {s['train_seconds']:.0f} s"]
+             f"{s['steps']} steps in {s['train_seconds']:.0f} s "
+             f"({s['train_images_per_second']:.1f} images/s, set-up included)"]
     if "val_accuracy" in s:
         lines.append(f"validation accuracy {100 * s['val_accuracy']:.1f}%")
     if "val_AP" in s:

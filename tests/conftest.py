@@ -27,9 +27,9 @@ def _seed_and_clear():
     keras.backend.clear_session()
 
 
-# CPU seconds of the heaviest files (clean-clone .ci/run, 2026-12-03, afternoon). scripts/test.sh hands
-# files to its two workers in collection order (--no-loadscope-reorder): longest first, so
-# that the workers finish together (xdist's default order, by test count, left the few-test,
+# CPU seconds of the heaviest files (clean-clone .ci/run, 2026-12-03, afternoon).
+# scripts/test.sh hands files to its two workers in collection order
+# (--no-loadscope-reorder): longest first, so that the workers finish together (xdist's default order, by test count, left the few-test,
 # long app files for last: one worker idle for minutes at the end). Unlisted files follow.
 HEAVY_FILES = {"test_contract.py": 252, "test_training.py": 199,
                "test_fault_tolerance.py": 187, "test_readme.py": 148,

@@ -312,9 +312,13 @@ def train(config, flags_text=None):
     final_step = int(optimizer.iterations.numpy())
 
     # Evaluate and export
+    seconds = time.time() - start
     summary = dict(model=config.model, task=task, steps=final_step, total_steps=total_steps,
                    num_classes=info.num_classes, class_names=info.class_names,
-                   img_size=img_size, train_seconds=round(time.time() - start, 1))
+                   img_size=img_size, train_seconds=round(seconds, 1),
+                   # this run's steps over its whole time (set-up and tracing included)
+                   train_images_per_second=round((final_step - step) * config.batch_size
+                                                 / max(seconds, 1e-9), 1))
     deploy = inference_model(student)
     summary.update(_validation_metrics(deploy, task, val_pipe, info.num_classes))
     if chief:
