@@ -86,26 +86,18 @@ def validation_pipeline(model, dataset, img_size, seed, val_samples, prep):
                             if k in prep}), info
 
 
-def batch1_latency_ms(path, model, calls):
+def batch1_latency_ms(path, calls):
     """Median batch-1 latency of the file under LiteRT (its own threads), zeros as input."""
-    import time
-
     import numpy as np
 
     from keras_vit.export.tflite import LiteRTRunner
+    from keras_vit.measure import median, timed
 
     runner = LiteRTRunner(path)
     if int(runner.inputs[0]["shape"][0]) != 1:
         return None
     feed = {k: np.zeros(d["shape"], np.float32) for k, d in runner.named_inputs.items()}
-    for _ in range(max(3, calls // 10)):
-        runner(**feed)
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        runner(**feed)
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
+    return 1000 * median(timed(lambda: runner(**feed), max(3, calls // 10), calls))
 
 
 def recommend(rows, kind):
@@ -179,7 +171,7 @@ def main(argv):
             refused.append(f"{mode}: {e}")
             continue
         if F.latency_calls:
-            r["latency_ms"] = batch1_latency_ms(path, model, F.latency_calls)
+            r["latency_ms"] = batch1_latency_ms(path, F.latency_calls)
         rows.append((mode, r))
     kind = next((k for k in ("pixel_agreement", "detection_agreement")
                  if any(r.get(k) is not None for _, r in rows)), "top1_agreement")

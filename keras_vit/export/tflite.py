@@ -205,12 +205,7 @@ def _int8_mixed(model, calibrating, batch_size, verification_data, details, sear
             path = os.path.join(tmp, "candidate.tflite")
             with open(path, "wb") as f:
                 f.write(flatbuffer)
-            runner = LiteRTRunner(path)
-            names_in = input_names(model)
-            outs = []
-            for i in range(0, len(inputs[0]), batch_size):
-                out = runner(**{n: a[i:i + batch_size] for n, a in zip(names_in, inputs)})
-                outs.append(out if isinstance(out, list) else [out])
+            outs = _run_file(path, input_names(model), inputs)
         return min(float(np.mean(np.concatenate([o[k] for o in outs]).argmax(-1)
                                  == reference[k].argmax(-1))) for k in scored)
 
@@ -372,6 +367,20 @@ def detection_agreement(reference, lite, image_size, quantization="none"):
     return found / checked if checked else None
 
 
+def _run_file(path, names, arrays):
+    """The file's outputs on ``arrays`` (per input, in ``names`` order), batch by batch at
+    the file's batch size: a list per batch of its outputs (flattened order)."""
+    runner = LiteRTRunner(path)
+    n, batch = len(arrays[0]), int(runner.inputs[0]["shape"][0])
+    if n % batch:
+        raise ValueError(f"{n} verification samples do not split into batches of {batch}")
+    lite_batches = []
+    for i in range(0, n, batch):
+        out = runner(**{name: a[i:i + batch] for name, a in zip(names, arrays)})
+        lite_batches.append(out if isinstance(out, list) else [out])
+    return lite_batches
+
+
 def verify_tflite(path, model, inputs, quantization="none"):
     """Runs the .tflite file on ``inputs`` (N samples; the file's batch size divides N) and
     compares each of its outputs with the Keras model's.
@@ -394,14 +403,7 @@ def verify_tflite(path, model, inputs, quantization="none"):
         arrays = [np.asarray(inputs, np.float32)]
     if len(arrays) != len(names):
         raise ValueError(f"the model takes {len(names)} inputs {names}, got {len(arrays)}")
-    runner = LiteRTRunner(path)
-    n, batch = len(arrays[0]), int(runner.inputs[0]["shape"][0])
-    if n % batch:
-        raise ValueError(f"{n} verification samples do not split into batches of {batch}")
-    lite_batches = []
-    for i in range(0, n, batch):
-        out = runner(**{name: a[i:i + batch] for name, a in zip(names, arrays)})
-        lite_batches.append(out if isinstance(out, list) else [out])
+    lite_batches = _run_file(path, names, arrays)
     reference = call_on_inputs(model, arrays)
     refs = [np.asarray(r) for r in tf.nest.flatten(reference)]
     if len(refs) != len(lite_batches[0]):
