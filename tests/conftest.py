@@ -17,6 +17,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+import app_process  # noqa: E402
+
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
@@ -49,9 +51,11 @@ _PHASE_START = pytest.StashKey[float]()
 
 
 def _cpu_seconds():
-    """CPU time of this process and of its finished subprocesses (the apps the tests run)."""
+    """CPU time of this process and of its finished subprocesses (the apps the tests run,
+    forked ones included)."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + children.ru_utime + children.ru_stime
+    return (time.process_time() + children.ru_utime + children.ru_stime
+            + app_process.forked_cpu_seconds)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+import app_process
 from test_training import checkpoint_arrays, read
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,9 +33,15 @@ def user_env(**extra):
     return dict(env, **extra)
 
 
-def run(args, env=None, check=True, cwd=ROOT):
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                          env=env or user_env(), timeout=600, cwd=cwd)
+def run(args, env=None, check=True, cwd=ROOT, fork=False):
+    """python ARGS in the user's environment: a new interpreter, or with fork=True an app
+    forked from the tests' pre-imported server (tests/app_process.py), which shows all but
+    TensorFlow's start-up lines."""
+    if fork:
+        proc = app_process.run_app(args[0], *args[1:], env=env or user_env(), cwd=cwd)
+    else:
+        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                              env=env or user_env(), timeout=600, cwd=cwd)
     if check and proc.returncode:
         raise AssertionError(f"{args[:2]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-5000:]}")
@@ -48,18 +55,19 @@ def app(name):
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     """The same tiny training (default flags otherwise: XLA, one device) twice, each with
-    its int8 export, run as a user would (no quieting environment of our own)."""
+    its int8 export, run as a user would (no quieting environment of our own): the first in
+    a new interpreter, the second forked from the tests' server."""
     out = []
     for name in ("a", "b"):
         run_dir = str(tmp_path_factory.mktemp(name) / "run")
         proc = run([app("train.py"), *TINY, f"--model_dir={run_dir}",
-                    f"--export_dir={run_dir}/export"])
+                    f"--export_dir={run_dir}/export"], fork=name == "b")
         out.append((run_dir, proc))
     return out
 
 
 def test_app_logs_are_quiet(two_runs):
-    for _, proc in two_runs:
+    for _, proc in two_runs[:1]:  # the new interpreter: TensorFlow's start-up included
         log = proc.stdout + proc.stderr
         for line in NOISE:
             assert line not in log, f"{line!r} in the training log:\n{log[-4000:]}"
@@ -100,13 +108,13 @@ def test_same_flags_and_seed_give_identical_runs(two_runs):
 def test_evaluate_and_export_default_to_the_runs_data(two_runs, tmp_path):
     run_dir = two_runs[0][0]
     summary = read(f"{run_dir}/summary.json")
-    proc = run([app("evaluate.py"), f"--model_path={run_dir}"])
+    proc = run([app("evaluate.py"), f"--model_path={run_dir}"], fork=True)
     metrics = read(f"{run_dir}/metrics.json")
     assert metrics["count"] == 64 and metrics["top1"] == summary["val_accuracy"]
     assert "from the training run's flags.txt" in proc.stdout
     # the same int8 file as the training app's: the same calibration images, in order
     run([app("export.py"), f"--model_path={run_dir}", f"--export_dir={tmp_path}/exp",
-         "--modes=int8", "--nosaved_model"])
+         "--modes=int8", "--nosaved_model"], fork=True)
     report = read(f"{tmp_path}/exp/export_report.json")
     assert report["int8"]["top1_agreement"] == summary["tflite"]["top1_agreement"]
     assert report["int8"]["latency_ms"] > 0 and "recommended" in report
@@ -119,7 +127,7 @@ def test_evaluate_in_bfloat16_reports_its_agreement_with_float32(two_runs, tmp_p
     run_dir = two_runs[0][0]
     summary = read(f"{run_dir}/summary.json")
     proc = run([app("evaluate.py"), f"--model_path={run_dir}", "--precision=bfloat16",
-                f"--output_dir={tmp_path}"])
+                f"--output_dir={tmp_path}"], fork=True)
     metrics = read(f"{tmp_path}/metrics.json")
     agreement = metrics["top1_agreement_with_float32"]
     assert metrics["precision"] == "bfloat16" and metrics["count"] == 64
@@ -155,7 +163,7 @@ def test_flags_txt_holds_the_apps_own_flags(two_runs):
 def test_unknown_model_names_the_closest(app_name, flag, tmp_path):
     proc = run([app(app_name), f"{flag}=not_a_model", f"--model_dir={tmp_path}/run"]
                if app_name == "train.py" else [app(app_name), f"{flag}=not_a_model"],
-               check=False)
+               check=False, fork=True)
     assert proc.returncode != 0
     assert "'not_a_model'" in proc.stderr and "closest: " in proc.stderr, proc.stderr[-2000:]
     closest = proc.stderr.split("closest: ")[1].split("\n")[0]

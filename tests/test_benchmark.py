@@ -2,11 +2,10 @@
 
 import csv
 import os
-import subprocess
-import sys
 
 import numpy as np
 
+import app_process
 import keras_vit
 from keras_vit import benchmark as bm
 
@@ -17,8 +16,7 @@ TINY = '{"depth": 2}'
 
 def _run_app(*flags, timeout=240):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, APP, *flags], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=ROOT)
+    return app_process.run_app(APP, *flags, env=env, timeout=timeout, cwd=ROOT)
 
 
 def test_app_end_to_end_without_timm(tmp_path):
@@ -141,9 +139,10 @@ def test_attention_sweep_mode(tmp_path):
             rows[(cells[0], int(cells[1]))] = cells[2:]
     assert set(rows) == {(k, n) for k in ("dense", "linear", "bigbird", "topk")
                          for n in (16, 64)}, proc.stdout
-    for layer_ms, layer_mib, encoder_ms, encoder_mib in rows.values():
-        assert float(layer_ms) > 0 and float(encoder_ms) > 0
-        assert float(layer_mib) >= 0 and float(encoder_mib) >= 0  # in-process: may reuse
+    for cells in rows.values():
+        layer_ms, layer_mib, encoder_ms, encoder_mib = (float(c.replace(",", "")) for c in cells)
+        assert layer_ms > 0 and encoder_ms > 0  # (printed with thousands separators)
+        assert layer_mib >= 0 and encoder_mib >= 0  # in-process: may reuse
     for kind in ("linear", "bigbird"):
         for part in ("layer", "encoder"):
             assert f"{kind} faster than dense ({part}): " in proc.stdout

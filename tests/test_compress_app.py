@@ -3,12 +3,11 @@ exported, and the table's numbers those of the saved files."""
 
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 
+import app_process
 import keras_vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,8 +17,7 @@ DATA = ["--dataset=shapes", "--train_samples=64", "--val_samples=64", "--seed=3"
 
 
 def run_app(*args):
-    return subprocess.run([sys.executable, APP, *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=900)
+    return app_process.run_app(APP, *args, cwd=ROOT, timeout=900)
 
 
 def validation_accuracy(model):

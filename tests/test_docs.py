@@ -4,8 +4,8 @@ through a safe-mode .keras round trip, and gives features_only maps."""
 
 import os
 import re
-import subprocess
-import sys
+
+import app_process
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "adding_a_family.md")
 
@@ -45,6 +45,5 @@ def test_the_documented_family_file_works_as_written(tmp_path):
     code = re.search(r"## A family in one file.*?```python\n(.*?)```", text, re.S).group(1)
     (tmp_path / "example_family.py").write_text(code)
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
-    run = subprocess.run([sys.executable, "-c", CHECK, str(tmp_path)], env=env,
-                         capture_output=True, text=True, timeout=600)
+    run = app_process.run_app(None, str(tmp_path), code=CHECK, env=env)
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]

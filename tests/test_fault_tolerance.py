@@ -8,27 +8,25 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 import uuid
 
 import numpy as np
 import pytest
-from test_training import ROOT, TINY, _free_port, checkpoint_arrays, read, run_app
+
+import app_process
+from test_training import TINY, _free_port, checkpoint_arrays, read, run_app
 
 ENV = dict(CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
 TINY_MODEL_ARGS = dict(patch_size=8, depth=1, embed_dim=32, num_heads=2)
 
 
 def start_app(args, log_path, env=None):
-    """apps/train.py in the background, stdout and stderr into ``log_path``."""
-    cmd = [sys.executable, os.path.join(ROOT, "apps", "train.py"), *args]
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, env=dict(os.environ, **ENV, **(env or {})), stdout=log,
-                            stderr=subprocess.STDOUT)
-    proc.log_path = log_path
-    return proc
+    """apps/train.py in the background (a process forked from the tests' pre-imported server,
+    tests/app_process.py, signalled and killed by its pid), stdout and stderr into
+    ``log_path``."""
+    return app_process.AppProcess("train.py", args, log_path,
+                                  env=dict(os.environ, **ENV, **(env or {})))
 
 
 def log_of(proc):

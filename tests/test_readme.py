@@ -1,5 +1,9 @@
 """The README's commands and Python snippets, run as written in fresh processes.
 
+The main job's command runs in bash as typed; the other `python apps/APP.py FLAGS` commands
+run as forks of the tests' pre-imported server (tests/app_process.py): a fresh process with
+the command's argv, without TensorFlow's import each time.
+
 They run in a scratch directory laid out like the repository root (apps/, configs/, .venv
 linked), with what the README assumes already there: `runs/main_job`, a run of the main
 job's flags made small the way the README's quick start says (flags after main_job.sh go to
@@ -19,11 +23,14 @@ tests/test_compress_app.py runs the app on a small model).
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+import app_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -67,16 +74,25 @@ def env():
     return e
 
 
-def shell(command, cwd, extra_env=None):
-    proc = subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True,
-                          env=dict(env(), **(extra_env or {})), timeout=600)
+def shell(command, cwd, extra_env=None, fork=True):
+    """Runs a README command in CWD: a plain `python apps/APP.py FLAGS` line as a fork of the
+    tests' app server (fork=True), anything else in bash."""
+    words = shlex.split(command)
+    plain_app = (len(words) > 1 and words[0] in ("python", ".venv/bin/python")
+                 and words[1].startswith("apps/")
+                 and not any(c in command for c in "|&;<>$`"))
+    if fork and plain_app:
+        proc = app_process.run_app(os.path.join(str(cwd), words[1]), *words[2:],
+                                   env=dict(env(), **(extra_env or {})), cwd=str(cwd))
+    else:
+        proc = subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True,
+                              text=True, env=dict(env(), **(extra_env or {})), timeout=600)
     assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
 
 def python_snippet(code, cwd):
-    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True,
-                          text=True, env=env(), timeout=600)
+    proc = app_process.run_app(None, code=code, cwd=str(cwd), env=env())
     assert proc.returncode == 0, f"{code}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
@@ -119,7 +135,7 @@ def workdir(tmp_path_factory):
     for name in ("apps", "configs", ".venv"):
         os.symlink(os.path.join(ROOT, name), work / name)
     proc = shell(".venv/bin/python apps/train.py --flagfile=configs/main_job.flags "
-                 + " ".join(SMALL_MAIN_JOB), cwd=work)
+                 + " ".join(SMALL_MAIN_JOB), cwd=work, fork=False)
     assert "== summary ==" in proc.stdout and "validation accuracy" in proc.stdout
     with open(work / "runs" / "main_job" / "summary.json") as f:
         summary = json.load(f)

@@ -5,13 +5,12 @@ names come from the index."""
 import json
 import glob
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import app_process
 from keras_vit.data import load_dataset
 from keras_vit.detection.data import load_detection_dataset, write_detection_tfrecord
 from keras_vit.segmentation.data import load_segmentation_dataset, write_segmentation_tfrecord
@@ -32,8 +31,7 @@ def _index(prefix):
 
 def _run_tool(*args):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, TOOL, *args], env=env, capture_output=True,
-                          text=True, timeout=300)
+    return app_process.run_app(TOOL, *args, env=env, timeout=300)
 
 
 def test_classification_tool_writes_shards_and_index(tmp_path):

@@ -13,6 +13,8 @@ import keras
 import numpy as np
 import pytest
 
+import app_process
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model=vit_tiny_patch16_224", '--model_args={"patch_size": 8, "depth": 1, '
         '"embed_dim": 32, "num_heads": 2}', "--img_size=32", "--train_samples=96",
@@ -20,9 +22,10 @@ TINY = ["--model=vit_tiny_patch16_224", '--model_args={"patch_size": 8, "depth":
 
 
 def run_app(app, *args, env=None, check=True, timeout=600):
-    cmd = [sys.executable, os.path.join(ROOT, "apps", app), *args]
+    """apps/APP with ARGS in a fresh process (forked from a server that imported TensorFlow:
+    tests/app_process.py)."""
     full_env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
+    proc = app_process.run_app(app, *args, env=full_env, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{app} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-5000:]}")
@@ -137,9 +140,8 @@ def _latest_checkpoint(run, sub="checkpoints"):
 def test_sigkill_mid_epoch_resumes_from_last_step(tmp_path):
     run = str(tmp_path / "run")
     args = [*TINY, "--train_samples=160", "--epochs=3", "--checkpoint_every=2", f"--model_dir={run}"]
-    cmd = [sys.executable, os.path.join(ROOT, "apps", "train.py"), *args]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = app_process.AppProcess("train.py", args, tmp_path / "killed.log", env=env)
     deadline = time.time() + 300
     while _latest_checkpoint_step(run) < 4 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)

@@ -3,14 +3,13 @@ the attention maps against the blocks' own outputs, and the app's PNG overlays."
 
 import importlib.util
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 from keras import ops
 
+import app_process
 import keras_vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,8 +101,7 @@ def test_hierarchical_models_get_grad_cam_on_the_last_stage(visualize):
 
 def run_visualize(*args):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "apps", "visualize.py"), *args],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = app_process.run_app("visualize.py", *args, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
