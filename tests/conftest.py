@@ -29,18 +29,17 @@ def _seed_and_clear():
     keras.backend.clear_session()
 
 
-# CPU seconds of the heaviest files (clean-clone .ci/run, 2026-12-03, afternoon).
+# CPU seconds of the heaviest files (full run with forked apps, 2026-12-03 evening).
 # scripts/test.sh hands files to its two workers in collection order
 # (--no-loadscope-reorder): longest first, so that the workers finish together (xdist's default order, by test count, left the few-test,
 # long app files for last: one worker idle for minutes at the end). Unlisted files follow.
-HEAVY_FILES = {"test_contract.py": 252, "test_training.py": 199,
-               "test_fault_tolerance.py": 187, "test_readme.py": 148,
-               "test_jax_backend.py": 142, "test_segmentation_app.py": 137,
-               "test_apps.py": 120, "test_benchmark.py": 87, "test_medt.py": 58,
-               "test_deformable_detr.py": 57, "test_xcit.py": 55, "test_compress_app.py": 54,
-               "test_vit.py": 53, "test_transformer.py": 52, "test_detection_app.py": 50,
-               "test_pvt.py": 48, "test_setr.py": 47, "test_detr.py": 43,
-               "test_detection.py": 43}
+HEAVY_FILES = {"test_contract.py": 341, "test_jax_backend.py": 194, "test_training.py": 156,
+               "test_readme.py": 146, "test_segmentation_app.py": 144,
+               "test_fault_tolerance.py": 138, "test_apps.py": 81, "test_xcit.py": 80,
+               "test_benchmark.py": 66, "test_deformable_detr.py": 65, "test_export.py": 62,
+               "test_transformer.py": 61, "test_medt.py": 60, "test_vit.py": 60,
+               "test_pvt.py": 57, "test_compress_app.py": 56, "test_setr.py": 52,
+               "test_swin.py": 46, "test_twins.py": 44, "test_detr.py": 42}
 
 
 def pytest_collection_modifyitems(items):
