@@ -57,7 +57,11 @@ def main(argv=None):
     kwargs = {"pretrained": False, "img_size": args.img_size}
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
-    model = timm.create_model(args.model, **kwargs).eval()
+    try:
+        model = timm.create_model(args.model, **kwargs).eval()
+    except TypeError:  # a fully convolutional design without img_size (PVT v2): any size runs
+        del kwargs["img_size"]
+        model = timm.create_model(args.model, **kwargs).eval()
     x_batch = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     x_one = torch.randn(1, 3, args.img_size, args.img_size)
     print(json.dumps({"ready": True, "torch": torch.__version__, "timm": timm.__version__,
