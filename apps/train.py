@@ -56,7 +56,7 @@ flags.DEFINE_enum("distillation", "hard", ["hard", "soft", "minilm", "manifold"]
 flags.DEFINE_enum("strategy", "auto", ["auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu"], "tf.distribute strategy.")
 flags.DEFINE_string("tpu", None, "TPU name or grpc:// address ('local' on a TPU VM).")
 flags.DEFINE_enum("mixed_precision", "none", ["none", "mixed_float16", "mixed_bfloat16"], "Mixed precision policy.")
-flags.DEFINE_bool("jit_compile", True, "Compile train/eval steps with XLA.")
+flags.DEFINE_bool("jit_compile", True, "Compile train/eval steps with XLA (off where it cannot compile them or is slower: README).")
 flags.DEFINE_string("model_dir", "runs/default", "Checkpoints, TensorBoard logs, flags, curves.")
 flags.DEFINE_string("export_dir", None, "Export SavedModel (and TFLite) here at the end.")
 flags.DEFINE_enum("export_tflite", "none", ["none", "fp32", "fp16", "dynamic", "int8", "int8_mixed"],

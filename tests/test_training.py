@@ -258,6 +258,30 @@ def test_tpu_without_tpu_is_a_clear_error():
             get_strategy("tpu", tpu=tpu)
 
 
+def test_xla_is_off_on_cpus_for_models_with_depthwise_convolutions(caplog):
+    """--jit_compile on a CPU: PVT v2 and XCiT (depthwise convolutions, which XLA:CPU runs
+    ~17x slower) run as graphs, with the reason logged; ViT compiles as asked."""
+    from tensorflow.python.framework import config  # disable_op_determinism has no tf.* name
+
+    from families import build_smallest
+    from keras_vit.training.strategy import resolve_jit_compile
+
+    determinism = config.is_op_determinism_enabled()
+    config.disable_op_determinism()
+    try:
+        for case in ("pvt_v2", "xcit"):
+            with caplog.at_level("WARNING"):
+                assert resolve_jit_compile(True, model=build_smallest(case)) is False, case
+            assert "holds depthwise convolutions" in caplog.text
+        caplog.clear()
+        assert resolve_jit_compile(True, model=build_smallest("vit")) is True
+        assert resolve_jit_compile(False, model=build_smallest("pvt_v2")) is False
+        assert "XLA off" not in caplog.text
+    finally:
+        if determinism:
+            config.enable_op_determinism()
+
+
 def test_deit_distillation_trains_both_heads(tmp_path):
     from keras_vit.training import TrainConfig, train
 

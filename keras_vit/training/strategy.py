@@ -3,6 +3,7 @@
 import json
 import os
 
+import keras
 import tensorflow as tf
 from absl import logging
 
@@ -86,14 +87,16 @@ def _device_types(strategy):
             for d in strategy.extended.worker_devices}
 
 
-def resolve_jit_compile(requested, strategy=None, what="the train and eval steps"):
+def resolve_jit_compile(requested, strategy=None, what="the train and eval steps", model=None):
     """Whether to XLA-compile under ``strategy``: the one decision every app makes.
 
     XLA has no CPU collectives ("Collectives are not yet implemented for CPU devices when
     compiling with XLA", then a crash): a step that all-reduces across replicas or workers
     on CPUs runs as a plain tf.function graph instead. Keras does not XLA-compile under op
-    determinism either. Everything else compiles as asked. Logs one line when it overrides
-    the request."""
+    determinism either. A ``model`` with depthwise convolutions (PVT v2, XCiT, Twins, PiT,
+    CMT, SegFormer) runs as a graph on CPUs too: XLA:CPU's depthwise convolution took 17.5x
+    TensorFlow's kernel (benchmarks/README.md; PVT v2-B0 4.8 against 36 img/s). Everything
+    else compiles as asked. Logs one line when it overrides the request."""
     if not requested:
         return False
     replicated = strategy is not None and (strategy.num_replicas_in_sync > 1
@@ -103,10 +106,19 @@ def resolve_jit_compile(requested, strategy=None, what="the train and eval steps
                   "CPU devices all-reduces inside the step, and XLA has no CPU collectives")
     elif _op_determinism_enabled():
         reason = "op determinism is on, and Keras does not XLA-compile deterministic steps"
+    elif (model is not None and _device_types(strategy) == {"CPU"}
+          and holds_depthwise_convolution(model)):
+        reason = ("the model holds depthwise convolutions, which XLA runs ~17x slower than "
+                  "TensorFlow's own kernel on CPUs")
     else:
         return True
     logging.warning("XLA off for %s: %s; running them as tf.function graphs", what, reason)
     return False
+
+
+def holds_depthwise_convolution(model):
+    return any(isinstance(layer, keras.layers.DepthwiseConv2D)
+               for layer in model._flatten_layers())
 
 
 def _op_determinism_enabled():

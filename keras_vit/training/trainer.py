@@ -406,6 +406,8 @@ def _soft_labels(config):
 
 def _compiled_model(config, task, info, img_size, steps_per_epoch, total_steps, jit_compile):
     """(student, the model fit trains, its optimizer), compiled and built; call in scope."""
+    import tensorflow as tf
+
     from keras_vit.detection import training as detection
     from keras_vit.segmentation import training as segmentation
 
@@ -417,6 +419,10 @@ def _compiled_model(config, task, info, img_size, steps_per_epoch, total_steps, 
     except ValueError as e:
         raise ValueError(f"--model {config.model} with --model_args "
                          f"{json.dumps(config.model_args)} at --img_size {img_size}: {e}") from e
+    # The model's own layers decide too (depthwise convolutions: XLA is slower on CPUs).
+    jit_compile = resolve_jit_compile(
+        jit_compile, tf.distribute.get_strategy() if tf.distribute.has_strategy() else None,
+        model=student)
     schedule = WarmupSchedule(config.learning_rate, total_steps,
                               int(config.warmup_epochs * steps_per_epoch),
                               config.schedule or ("poly" if task == "segmentation"
