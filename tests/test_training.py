@@ -107,6 +107,8 @@ def test_train_evaluate_export_end_to_end(tmp_path):
                    "--dataset=shapes", "--calibration_batches=2", "--batch_size=16", check=False)
     report = read(f"{tmp_path}/exp/export_report.json")
     assert {"fp32", "fp16", "dynamic"} <= set(report)
+    # --saved_model's default (on): test_apps turns it off to time the int8 file alone
+    assert os.path.exists(f"{tmp_path}/exp/saved_model/saved_model.pb")
     assert report["fp32"]["relative_diff"] <= 1e-4 and report["fp16"]["relative_diff"] <= 1e-2
     # 12 steps leave the model at chance, its logits near ties: int8 is written only when
     # its top-1 agrees with Keras, else named as refused with exit code 2 (the others kept)
