@@ -9,6 +9,7 @@ import pytest
 
 import keras_vit
 from conftest import images
+from families import SMALLEST, build_smallest
 from keras_vit.layers.attention import softmax_float32
 from keras_vit.precision import dtype_policy_scope, policy_name, with_dtype_policy
 
@@ -73,3 +74,32 @@ def test_policy_names_and_scope():
     with dtype_policy_scope("bfloat16"):
         assert keras.config.dtype_policy().name == "mixed_bfloat16"
     assert keras.config.dtype_policy().name == "float32"
+
+
+def _softmax_dtypes(model, img_size):
+    """The dtypes of every Softmax op in the model's traced inference graph."""
+    import tensorflow as tf
+
+    fn = tf.function(lambda x: model(x, training=False))
+    graph = fn.get_concrete_function(tf.TensorSpec((1, img_size, img_size, 3))).graph
+    graphs = [graph] + [f.graph for f in getattr(graph, "_functions", {}).values()
+                        if hasattr(f, "graph")]
+    return [op.get_attr("T").name for g in graphs for op in g.get_operations()
+            if op.type == "Softmax"]
+
+
+_ATTENTION_CASES = [(case, None) for case in sorted(SMALLEST) if case != "resnet"] + [
+    ("vit", kind) for kind in ("bigbird", "topk", "lsra", "hamburger")]
+
+
+@pytest.mark.parametrize("case,attention", _ATTENTION_CASES,
+                         ids=[c + (f"-{a}" if a else "") for c, a in _ATTENTION_CASES])
+def test_every_attention_softmax_runs_in_float32_under_mixed_bfloat16(case, attention):
+    # Under mixed_bfloat16 a bfloat16 softmax sums a row of exponentials with an 8-bit
+    # mantissa (errors of a few percent over 197 keys); every family's attention, the
+    # detectors' and segmenters' and each efficient token mixer must take softmax_float32.
+    extra = {"attention": attention} if attention else {}
+    model = build_smallest(case, dtype_policy="mixed_bfloat16", **extra)
+    dtypes = _softmax_dtypes(model, SMALLEST[case][1]["img_size"])
+    assert dtypes, f"{case}: no Softmax in the graph (attention not found)"
+    assert set(dtypes) == {"float32"}, f"{case}: Softmax dtypes {dtypes}"

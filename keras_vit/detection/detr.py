@@ -31,7 +31,7 @@ import numpy as np
 from keras import ops
 
 from keras_vit.layers import Mlp, ResidualBlock, dense, layer_norm
-from keras_vit.layers.attention import masked_logits, merge_heads, split_heads
+from keras_vit.layers.attention import masked_logits, merge_heads, softmax_float32, split_heads
 from keras_vit.models.common import check_img_size, check_in_chans
 from keras_vit.models.resnet import resnet
 from keras_vit.detection.yolos import PredictionMLP
@@ -83,7 +83,7 @@ class PositionalAttention(keras.layers.Layer):
         logits = ops.matmul(q * ops.cast(self.scale, q.dtype), ops.transpose(k, (0, 1, 3, 2)))
         if attention_mask is not None:
             logits = masked_logits(logits, attention_mask)
-        attn = self.attn_dropout(ops.softmax(logits, axis=-1), training=training)
+        attn = self.attn_dropout(softmax_float32(logits), training=training)
         out = self.out_proj(merge_heads(ops.matmul(attn, v)))
         return self.proj_dropout(out, training=training)
 

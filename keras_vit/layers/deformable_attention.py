@@ -13,6 +13,8 @@ import numpy as np
 import keras
 from keras import ops
 
+from keras_vit.layers.attention import softmax_float32
+
 
 def level_tables(spatial_shapes, num_heads, num_points):
     """Per sampling slot (head, level, point order, as the reference's views): the level's
@@ -152,7 +154,7 @@ class MultiScaleDeformableAttention(keras.layers.Layer):
             value = value * ops.cast(value_mask, value.dtype)[..., None]
         num_queries = ops.shape(query)[1]
         logits = ops.reshape(self.attention_weights(query), (-1, num_queries, heads, levels * points))
-        weights = ops.reshape(ops.softmax(logits, axis=-1),
+        weights = ops.reshape(softmax_float32(logits),
                               (-1, num_queries, heads * levels * points))
         loc_x, loc_y = self.sampling_locations(query, reference_points)
         out = deformable_sampling(value, loc_x, loc_y, weights, self.spatial_shapes, heads, points)

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_vit.layers.attention import MultiHeadAttention, masked_logits
+from keras_vit.layers.attention import MultiHeadAttention, masked_logits, softmax_float32
 from keras_vit.layers.common import dense
 
 
@@ -73,7 +73,7 @@ class TopKAttention(MultiHeadAttention):
         if keys is None or self.k < keys:
             kept = ops.top_k(logits, min(self.k, keys) if keys else self.k, sorted=True)[0]
             logits = masked_logits(logits, logits >= kept[..., -1:])  # ties at the k-th stay
-        attn = self.attn_dropout(ops.softmax(logits, axis=-1), training=training)
+        attn = self.attn_dropout(softmax_float32(logits), training=training)
         return ops.matmul(attn, v)
 
     def get_config(self):
@@ -150,7 +150,7 @@ class BigBirdAttention(MultiHeadAttention):
             queries = ops.reshape(qb[:, :glob], (-1, 1, glob * b, d))
             logits = masked_logits(ops.matmul(queries, ops.transpose(keys_all, (0, 1, 3, 2))),
                                    key_ok[None, None, None, :])
-            attn = self.attn_dropout(ops.softmax(logits, axis=-1), training=training)
+            attn = self.attn_dropout(softmax_float32(logits), training=training)
             parts.append(ops.reshape(ops.matmul(attn, values_all), (-1, glob, b, d)))
         if glob < num_blocks:  # the others: their few key blocks gathered, O(N) in all
             rows, row_kept = blocks[glob:], kept[glob:]
@@ -168,7 +168,7 @@ class BigBirdAttention(MultiHeadAttention):
             keys, values = gathered(kb), gathered(vb)
             logits = ops.matmul(qb[:, glob:], ops.transpose(keys, (0, 1, 3, 2)))
             logits = masked_logits(logits, slot_ok[None, :, None, :])
-            attn = self.attn_dropout(ops.softmax(logits, axis=-1), training=training)
+            attn = self.attn_dropout(softmax_float32(logits), training=training)
             parts.append(ops.matmul(attn, values))
         out = parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=1)
         out = ops.reshape(out, (-1, heads, num_blocks * b, d))
@@ -221,7 +221,7 @@ class LongShortRangeAttention(keras.layers.Layer):
     def lightweight_conv(self, x):
         """(B, N, C) -> (B, N, C): per channel group, softmax(taps) convolved over tokens."""
         channels = x.shape[-1]
-        taps = ops.softmax(self.conv_weight, axis=-1)  # (heads, K)
+        taps = softmax_float32(self.conv_weight)  # (heads, K)
         kernel = ops.repeat(ops.transpose(taps), channels // self.conv_heads, axis=1)
         kernel = ops.reshape(kernel, (self.kernel_size, 1, channels, 1))
         out = ops.depthwise_conv(ops.expand_dims(x, 2), kernel, padding="same")
@@ -251,7 +251,7 @@ def nmf_multiplicative(x, bases, steps, inv_t=1.0, eps=1e-6):
     updates, Hamburger's "ham" (Geng et al. 2021): x (B, d, N) >= 0, bases (B, d, R) >= 0;
     codes start as softmax(inv_t * x^T bases) over R, then ``steps`` rounds update codes
     then bases, and a last codes update. Returns the reconstruction bases @ codes^T."""
-    codes = ops.softmax(inv_t * ops.matmul(ops.transpose(x, (0, 2, 1)), bases), axis=-1)
+    codes = softmax_float32(inv_t * ops.matmul(ops.transpose(x, (0, 2, 1)), bases))
 
     def update_codes(codes, bases):
         numerator = ops.matmul(ops.transpose(x, (0, 2, 1)), bases)  # (B, N, R)

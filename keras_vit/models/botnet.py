@@ -32,6 +32,7 @@ import numpy as np
 from keras import ops
 
 from keras_vit.layers import DropPath, batch_norm, dense
+from keras_vit.layers.attention import softmax_float32
 from keras_vit.models.common import (
     check_img_size,
     check_in_chans,
@@ -171,7 +172,7 @@ class BottleneckAttention(keras.layers.Layer):
             logits = (logits + self.pos_embed(q)) * self.scale
         else:
             logits = logits * self.scale + self.pos_embed(q)
-        out = ops.matmul(ops.softmax(logits, axis=-1), v)  # (B * heads, H * W, dv)
+        out = ops.matmul(softmax_float32(logits), v)  # (B * heads, H * W, dv)
         out = ops.transpose(ops.reshape(out, (-1, self.num_heads, h * w, self.dim_head_v)),
                             (0, 2, 1, 3))
         out = ops.reshape(out, (-1, h, w, self.dim_out))

@@ -29,6 +29,7 @@ import keras
 from keras import ops
 
 from keras_vit.layers import ResidualBlock, batch_norm, dense, layer_norm
+from keras_vit.layers.attention import softmax_float32
 from keras_vit.models.common import (check_img_size, check_in_chans, drop_path_rates,
                                      resolve_out_indices)
 from keras_vit.registry import IMAGENET_MEAN, IMAGENET_STD, register_variant
@@ -127,7 +128,7 @@ class CMTAttention(keras.layers.Layer):
         kv = x if self.sr is None else self.sr_norm(self.sr(x), training=training)
         q, k, v = self._heads(self.q(x)), self._heads(self.k(kv)), self._heads(self.v(kv))
         logits = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) * ops.cast(self.scale, q.dtype)
-        attn = ops.softmax(logits + relative_pos, axis=-1)
+        attn = softmax_float32(logits + relative_pos)
         attn = self.attn_dropout(attn, training=training)
         out = ops.transpose(ops.matmul(attn, v), (0, 2, 1, 3))
         out = ops.reshape(out, (-1, h, w, self.dim))

@@ -36,6 +36,7 @@ from keras_vit.layers import (
     ResidualBlock,
     batch_norm,
 )
+from keras_vit.layers.attention import softmax_float32
 from keras_vit.models.common import check_img_size, check_in_chans, token_trunk_model
 from keras_vit.registry import INCEPTION_MEAN, INCEPTION_STD, register_variant
 
@@ -73,7 +74,7 @@ class ReAttention(MultiHeadAttention):
     def attend(self, q, k, v, mask=None, bias=None, training=None):
         # The official order, (q k^T) * scale, and its transform of the dropped-out maps.
         attn = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) * ops.cast(self.scale, q.dtype)
-        attn = self.attn_dropout(ops.softmax(attn, axis=-1), training=training)
+        attn = self.attn_dropout(softmax_float32(attn), training=training)
         if self.apply_transform:
             mixed = self.reatten_matrix(ops.transpose(attn, (0, 2, 3, 1)))  # heads last
             mixed = self.var_norm(mixed, training=training)

@@ -10,6 +10,8 @@ import math
 
 from keras import ops
 
+from keras_vit.layers.attention import softmax_float32
+
 
 def global_attention_blocks(model):
     """The model's blocks of plain multi-head self-attention over one token sequence
@@ -40,7 +42,7 @@ def block_attention(block, x):
     on its input ``x`` (no bias or mask: plain global attention blocks have none)."""
     q, k, _ = block_qkv(block, x)
     logits = ops.matmul(q * ops.cast(block.attn.scale, q.dtype), ops.transpose(k, (0, 1, 3, 2)))
-    return ops.softmax(logits, axis=-1)
+    return softmax_float32(logits)
 
 
 def prefix_tokens(model, num_tokens):

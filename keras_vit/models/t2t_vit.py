@@ -36,6 +36,7 @@ from keras_vit.layers import (
     layer_norm,
     sinusoid_table,
 )
+from keras_vit.layers.attention import softmax_float32
 from keras_vit.models.common import check_img_size, check_in_chans
 from keras_vit.models.vit import vit_on_tokens
 from keras_vit.registry import IMAGENET_MEAN, IMAGENET_STD, register_variant
@@ -204,7 +205,7 @@ class TokenTransformer(keras.layers.Layer):
         qkv = self.qkv(self.norm1(x))
         e = self.in_dim
         q, k, v = qkv[..., :e], qkv[..., e:2 * e], qkv[..., 2 * e:]
-        attn = ops.softmax(ops.matmul(q * scale, ops.transpose(k, (0, 2, 1))), axis=-1)
+        attn = softmax_float32(ops.matmul(q * scale, ops.transpose(k, (0, 2, 1))))
         attn = self.attn_dropout(attn, training=training)
         out = self.proj_dropout(self.proj(ops.matmul(attn, v)), training=training)
         x = v + out

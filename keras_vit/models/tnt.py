@@ -22,7 +22,7 @@ from keras_vit.layers import (
     dense,
     layer_norm,
 )
-from keras_vit.layers.attention import merge_heads, split_heads
+from keras_vit.layers.attention import merge_heads, softmax_float32, split_heads
 from keras_vit.layers.embedding import to_2tuple
 from keras_vit.models.common import check_img_size, check_in_chans, token_trunk_model
 from keras_vit.registry import INCEPTION_MEAN, INCEPTION_STD, register_variant
@@ -105,7 +105,7 @@ class TntAttention(keras.layers.Layer):
         k = split_heads(qk[..., self.hidden_dim:], self.num_heads)
         v = split_heads(self.v(x), self.num_heads)
         attn = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) * ops.cast(self.scale, q.dtype)
-        attn = self.attn_dropout(ops.softmax(attn, axis=-1), training=training)
+        attn = self.attn_dropout(softmax_float32(attn), training=training)
         out = self.proj(merge_heads(ops.matmul(attn, v)))
         return self.proj_dropout(out, training=training)
 

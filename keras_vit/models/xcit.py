@@ -32,7 +32,7 @@ from keras_vit.layers import (
     dense,
     layer_norm,
 )
-from keras_vit.layers.attention import merge_heads, split_heads
+from keras_vit.layers.attention import merge_heads, softmax_float32, split_heads
 from keras_vit.models.common import check_img_size, check_in_chans, resolve_out_indices
 from keras_vit.registry import IMAGENET_MEAN, IMAGENET_STD, register_variant
 
@@ -163,7 +163,7 @@ class XCA(MultiHeadAttention):
         q, k, v = heads(qkv[..., :c]), heads(qkv[..., c:2 * c]), heads(qkv[..., 2 * c:])
         q, k = l2_normalize(q), l2_normalize(k)
         attn = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) * ops.cast(self.temperature, q.dtype)
-        attn = self.attn_dropout(ops.softmax(attn, axis=-1), training=training)
+        attn = self.attn_dropout(softmax_float32(attn), training=training)
         out = ops.transpose(ops.matmul(attn, v), (0, 3, 1, 2))  # (B, N, heads, d)
         out = self.proj(ops.reshape(out, (-1, n, c)))
         return self.proj_dropout(out, training=training)
@@ -197,7 +197,7 @@ class ClassAttention(keras.layers.Layer):
         """(B, N, D) -> the new [CLS] token, (B, 1, D)."""
         q = split_heads(self.q(x[:, :1]), self.num_heads) * ops.cast(self.scale, x.dtype)
         k, v = split_heads(self.k(x), self.num_heads), split_heads(self.v(x), self.num_heads)
-        attn = ops.softmax(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))), axis=-1)
+        attn = softmax_float32(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))))
         attn = self.attn_dropout(attn, training=training)
         return self.proj_dropout(self.proj(merge_heads(ops.matmul(attn, v))), training=training)
 

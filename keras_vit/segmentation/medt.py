@@ -57,6 +57,7 @@ import numpy as np
 from keras import ops
 
 from keras_vit.layers import batch_norm
+from keras_vit.layers.attention import softmax_float32
 from keras_vit.models.common import check_img_size, check_in_chans
 from keras_vit.registry import register_variant
 
@@ -194,7 +195,7 @@ class AxialAttention(keras.layers.Layer):
                                      (-1, self.groups, length, length))
         else:
             similarity = self.bn_similarity(qk, training=training)
-        similarity = ops.softmax(similarity, axis=-1)
+        similarity = softmax_float32(similarity)
         sv = ops.matmul(similarity, v)                           # (N, G, L, group_dim)
         if self.positional:
             # sve[n, g, i, c] = sum_j similarity[n, g, i, j] v_emb[c, i, j]
