@@ -341,10 +341,19 @@ def config_from_flagfile(path):
     return TrainConfig(**values)
 
 
-@pytest.mark.parametrize("flagfile", ["deformable_detr_shapes.flags", "segformer_shapes.flags"])
+# The edge models (scripts/edge_models.sh) claim the size of the reference they stand for.
+SIZE_OF = {"edge_deit_s.flags": "deit_small_patch16_224",
+           "edge_swin_t.flags": "swin_tiny_patch4_window7_224"}
+
+
+@pytest.mark.parametrize("flagfile", ["deformable_detr_shapes.flags", "segformer_shapes.flags",
+                                      *SIZE_OF])
 def test_readme_flag_files_validate_and_build(flagfile):
-    """The README's detection and segmentation runs (configs/*.flags) name flags the app
-    defines, pass its checks, and build their model at the run's size."""
+    """The README's detection and segmentation runs and the edge models (configs/*.flags)
+    name flags the app defines, pass its checks, and build their model at the run's size;
+    an edge model has its reference's parameter count within 2% at the same number of
+    classes (ViT_C's stem against DeiT-S's patch embedding, Swin's smaller relative position
+    tables at 4x4 windows are what differ)."""
     import keras_vit
     from keras_vit.training.trainer import validate
 
@@ -353,3 +362,12 @@ def test_readme_flag_files_validate_and_build(flagfile):
     model = keras_vit.create_model(config.model, num_classes=9, img_size=config.img_size,
                                    **config.model_args)
     assert model.count_params() > 0
+    if flagfile in SIZE_OF:
+        from helpers import create_model_without_weights
+        from keras_vit.models.common import count_parameters
+
+        reference = create_model_without_weights(SIZE_OF[flagfile], num_classes=9)
+        ratio = count_parameters(model) / count_parameters(reference)
+        print(f"{flagfile}: {count_parameters(model):,} parameters, {ratio:.4f}x "
+              f"{SIZE_OF[flagfile]}'s")
+        assert abs(ratio - 1) <= 0.02  # measured: DeiT-S-size 0.990, Swin-T-size 0.999
