@@ -90,6 +90,18 @@ def test_tflite_modes_are_verified(small_vit, tmp_path, mode, max_rel):
     # The report is reproducible from the file alone.
     again = verify_tflite(path, small_vit, data[:8])
     assert again["top1_agreement"] >= 0.9
+    # LiteRT's own signature API (what Android's runSignature and ai-edge-quantizer use)
+    # runs the file: one "serving_default" signature, the Keras input name, output_0.
+    from ai_edge_litert.interpreter import Interpreter
+
+    from keras_vit.export.tflite import LiteRTRunner, input_names
+
+    interpreter = Interpreter(model_path=path)
+    (name,) = input_names(small_vit)
+    assert interpreter.get_signature_list() == {
+        "serving_default": {"inputs": [name], "outputs": ["output_0"]}}
+    out = interpreter.get_signature_runner("serving_default")(**{name: data[:1]})["output_0"]
+    np.testing.assert_array_equal(out, LiteRTRunner(path)(data[:1]))
 
 
 def test_quantized_files_are_smaller(small_vit, tmp_path):
@@ -225,6 +237,15 @@ def test_dict_outputs_and_named_inputs_are_verified(tmp_path):
     expected = model(one)
     np.testing.assert_allclose(logits, np.asarray(expected["logits"]), atol=1e-5)
     np.testing.assert_allclose(boxes, np.asarray(expected["pred_boxes"]), atol=1e-5)
+    # The same through LiteRT's signature runner: inputs by Keras name, outputs output_0,
+    # output_1 in the flattened (sorted-key) order.
+    from ai_edge_litert.interpreter import Interpreter
+
+    signature = Interpreter(model_path=path).get_signature_runner("serving_default")
+    out = signature(aux=one["aux"], image=one["image"])
+    assert sorted(out) == ["output_0", "output_1"]
+    np.testing.assert_allclose(out["output_0"], np.asarray(expected["logits"]), atol=1e-5)
+    np.testing.assert_allclose(out["output_1"], np.asarray(expected["pred_boxes"]), atol=1e-5)
 
 
 def test_a_wrong_output_fails_verification(tmp_path, monkeypatch):
