@@ -168,6 +168,12 @@ def test_evaluate_export_visualize_commands(workdir):
     assert (workdir / "runs" / "main_job" / "metrics.json").exists()
     assert (workdir / "saved_models" / "main_job" / "model_int8.tflite").exists()
     assert list((workdir / "runs" / "main_job" / "visualize").glob("*.png"))
+    # The README's LiteRT snippet runs the exported file through its signature
+    snippet = block_containing("python", "get_signature_runner()")
+    prelude = ("import numpy as np\n"
+               "batch_of_one = np.random.default_rng(0).random((1, 32, 32, 3), np.float32)\n")
+    check = "\nassert probs.shape == (1, 8) and np.isfinite(probs).all(), probs\n"
+    python_snippet(prelude + snippet + check, workdir)
 
 
 def test_loading_a_runs_model_snippet(workdir):
