@@ -39,7 +39,8 @@ HEAVY_FILES = {"test_contract.py": 341, "test_jax_backend.py": 194, "test_traini
                "test_benchmark.py": 66, "test_deformable_detr.py": 65, "test_export.py": 62,
                "test_transformer.py": 61, "test_medt.py": 60, "test_vit.py": 60,
                "test_pvt.py": 57, "test_compress_app.py": 56, "test_setr.py": 52,
-               "test_swin.py": 46, "test_twins.py": 44, "test_detr.py": 42}
+               "test_precision.py": 60, "test_swin.py": 46, "test_twins.py": 44,
+               "test_detr.py": 42}
 
 
 def pytest_collection_modifyitems(items):
