@@ -279,9 +279,15 @@ def main(argv):
     summary.append("peak RSS: " + ("kernel VmHWM of the measuring process, reset before each "
                                    "measurement" if mem == "VmHWM" else
                                    "ru_maxrss, a running maximum over the whole run"))
+    from keras_vit import benchmark_input as bi
+
+    # bfloat16 and int8 speed hinge on AVX-512 BF16 / VNNI / AMX: the flags go with the table
+    flags_found = bi.cpu_flags()
     summary.append(f"oneDNN: TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')}; "
                    f"threads: {threads}; medians over {F.rounds} alternating rounds; "
-                   f"1-min load average {rows[0]['load_avg_1m']} on {os.cpu_count()} CPUs")
+                   f"1-min load average {rows[0]['load_avg_1m']} on {os.cpu_count()} CPUs; "
+                   "CPU flags: " + (" ".join(flags_found) if flags_found is not None
+                                    else "unknown"))
     print()
     print(table)
     print()

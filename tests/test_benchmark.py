@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 
 import numpy as np
 
@@ -30,6 +31,7 @@ def test_app_end_to_end_without_timm(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| vit_tiny_patch16_224 | keras | tf_function | 32 | 2 |" in proc.stdout
     assert "TF_ENABLE_ONEDNN_OPTS=0" in proc.stdout
+    assert re.search(r"CPU flags: .*\b(avx2|avx512f|unknown)\b", proc.stdout), proc.stdout[-2000:]
     with open(out_csv) as f:
         rows = list(csv.DictReader(f))
     assert [(r["framework"], r["mode"]) for r in rows] == [("keras", "tf_function"),
