@@ -66,6 +66,11 @@ def test_softmax_float32_rounds_once():
     np.testing.assert_allclose(got, expect, rtol=2 ** -8, atol=1e-7)
     np.testing.assert_array_equal(np.asarray(softmax_float32(logits)),
                                   np.asarray(keras.ops.softmax(logits, axis=-1)))
+    # float64 (the float64 parity fixtures) stays float64: no rounding through float32
+    wide = keras.ops.convert_to_tensor(logits.astype(np.float64))
+    assert softmax_float32(wide).dtype == "float64"
+    np.testing.assert_array_equal(np.asarray(softmax_float32(wide)),
+                                  np.asarray(keras.ops.softmax(wide, axis=-1)))
 
 
 def test_policy_names_and_scope():

@@ -29,8 +29,8 @@ def masked_logits(logits, mask):
 def softmax_float32(logits, axis=-1):
     """Softmax computed in float32 and returned in the logits' dtype: under a bfloat16
     policy, its 8-bit mantissa sums the exponentials of a long row with errors of a few
-    percent (float32 logits: unchanged, the casts vanish)."""
-    if logits.dtype == "float32":
+    percent (float32 and float64 logits: unchanged, no casts)."""
+    if keras.backend.standardize_dtype(logits.dtype) not in ("bfloat16", "float16"):
         return ops.softmax(logits, axis=axis)
     return ops.cast(ops.softmax(ops.cast(logits, "float32"), axis=axis), logits.dtype)
 
