@@ -7,12 +7,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_venv.sh && setup_venv
-for name in "${@:-deit_s swin_t}"; do
-  for one in $name; do
-    .venv/bin/python apps/train.py --flagfile="configs/edge_${one}.flags"
-    # exits non-zero when a mode's file fails its agreement check; the others are written
-    .venv/bin/python apps/export.py --model_path="runs/edge_${one}" \
-        --export_dir="saved_models/edge_${one}" || echo "edge_${one}: a mode was refused (above)"
-    .venv/bin/python apps/evaluate.py --model_path="runs/edge_${one}" --precision=bfloat16
-  done
+models=("$@")
+[ ${#models[@]} -gt 0 ] || models=(deit_s swin_t)
+for one in "${models[@]}"; do
+  .venv/bin/python apps/train.py --flagfile="configs/edge_${one}.flags"
+  # exits non-zero when a mode's file fails its agreement check; the others are written
+  .venv/bin/python apps/export.py --model_path="runs/edge_${one}" \
+      --export_dir="saved_models/edge_${one}" || echo "edge_${one}: a mode was refused (above)"
+  .venv/bin/python apps/evaluate.py --model_path="runs/edge_${one}" --precision=bfloat16
 done
