@@ -2,7 +2,7 @@
 
 import keras
 
-from keras_vit.layers.common import activation, dense
+from keras_vit.layers.common import activation, dense, flatten_tokens
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
@@ -35,8 +35,11 @@ class Mlp(keras.layers.Layer):
         self.fc2.build(tuple(input_shape[:-1]) + (self.hidden_features,))
 
     def call(self, x, training=None):
+        # On the 2-D form the activation reads fc1's BiasAdd directly, so grappler fuses
+        # MatMul + bias + GELU into one oneDNN op (flatten_tokens).
+        x, restore = flatten_tokens(x)
         x = self.drop1(self.act_fn(self.fc1(x)), training=training)
-        return self.drop2(self.fc2(x), training=training)
+        return restore(self.drop2(self.fc2(x), training=training))
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.out_features or input_shape[-1],)
