@@ -143,3 +143,74 @@ def test_layers_of_the_same_shape_start_different():
     b = np.asarray(model.get_layer("blocks.1").attn.qkv.kernel)
     assert not np.allclose(a, b)
     assert 0.01 < a.std() < 0.03
+
+
+@pytest.mark.parametrize("shape", [(6, 8), (2, 3, 8), (2, 3, 4, 8)])
+def test_linear_equals_dense_on_every_rank(shape):
+    """Linear's 2-D matmul gives Keras Dense's result for inputs of any rank (1e-6: the two
+    are different oneDNN kernels, which may sum in a different order)."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(shape).astype(np.float32)
+    linear = L.Linear(5, activation="gelu")
+    ref = keras.layers.Dense(5, activation="gelu")
+    linear.build(shape)
+    ref.build(shape)
+    for w in linear.weights:
+        w.assign(rng.standard_normal(w.shape))
+    ref.set_weights(linear.get_weights())
+    got = linear(x)
+    assert tuple(got.shape) == shape[:-1] + (5,)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref(x)), rtol=1e-6, atol=1e-6)
+
+
+def test_linear_keeps_unknown_token_dimensions():
+    """Unknown sizes between the batch and the channels (a model built for any input size)
+    are restored from the input's runtime shape."""
+    import tensorflow as tf
+
+    linear = L.Linear(4)
+    linear.build((None, None, None, 3))
+    fn = tf.function(linear, input_signature=[tf.TensorSpec((None, None, None, 3))])
+    x = np.ones((2, 5, 7, 3), np.float32)
+    got = fn(x)
+    assert tuple(got.shape) == (2, 5, 7, 4)
+    np.testing.assert_allclose(np.asarray(got), x @ np.asarray(linear.kernel), atol=1e-6)
+
+
+def grappler_optimized_ops(fn, spec):
+    """(op, fused_ops) of every node of ``fn``'s graph after TensorFlow's graph optimizer
+    (grappler) has rewritten it for the CPU, as tf.function does before running it."""
+    import tensorflow as tf
+    from tensorflow.core.protobuf import config_pb2
+    from tensorflow.python.framework import meta_graph
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2)
+    from tensorflow.python.grappler import tf_optimizer
+
+    frozen = convert_variables_to_constants_v2(tf.function(fn).get_concrete_function(spec))
+    graph_def = frozen.graph.as_graph_def()
+    for node in graph_def.node:  # the remapper fuses only nodes placed on a CPU
+        node.device = "/job:localhost/replica:0/task:0/device:CPU:0"
+    meta = meta_graph.create_meta_graph_def(graph_def=graph_def, graph=frozen.graph)
+    meta.collection_def["train_op"].node_list.value.extend(t.op.name for t in frozen.outputs)
+    config = config_pb2.ConfigProto()
+    config.graph_options.rewrite_options.min_graph_nodes = -1
+    optimized = tf_optimizer.OptimizeGraph(config, meta)
+    return [(n.op, [s.decode() for s in n.attr["fused_ops"].list.s]) for n in optimized.node]
+
+
+def test_transformer_block_linear_layers_fuse_with_bias_and_gelu():
+    """What makes TensorFlow inference on CPU fast (benchmarks/README.md): every linear
+    layer of a transformer block is one fused MatMul + BiasAdd, fc1 with its GELU too. On
+    (B, N, C) tokens Keras' Dense puts a Reshape between MatMul and bias and none fuse."""
+    import tensorflow as tf
+
+    block = L.TransformerBlock(16, num_heads=2)
+    block.build((2, 5, 16))
+    rng = np.random.default_rng(3)
+    for w in block.weights:  # zero biases would be folded away before fusion
+        w.assign(rng.standard_normal(w.shape) * 0.1)
+    ops = grappler_optimized_ops(lambda x: block(x), tf.TensorSpec((2, 5, 16)))
+    assert not [op for op, _ in ops if op == "MatMul"]
+    fused = sorted(tuple(f) for op, f in ops if op == "_FusedMatMul")
+    assert fused == [("BiasAdd",)] * 3 + [("BiasAdd", "GeluExact")]

@@ -40,7 +40,7 @@ from keras import ops
 
 from keras_vit.detection.detr import PositionalAttention, sine_divisors
 from keras_vit.detection.yolos import PredictionMLP
-from keras_vit.layers import MultiScaleDeformableAttention
+from keras_vit.layers import Linear, MultiScaleDeformableAttention
 from keras_vit.models.common import check_img_size, check_in_chans
 from keras_vit.models.resnet import resnet
 from keras_vit.registry import IMAGENET_MEAN, IMAGENET_STD, register_variant
@@ -162,7 +162,7 @@ class EncoderReferencePoints(keras.layers.Layer):
 
 
 def _linear(units, name, **kwargs):
-    return keras.layers.Dense(units, name=name, **kwargs)
+    return Linear(units, name=name, **kwargs)
 
 
 def _norm(name):
@@ -515,7 +515,7 @@ def deformable_detr(*, img_size=(800, 1344), in_chans=3, num_classes=91, num_que
     heads = num_pred if with_box_refine else 1
 
     def class_head(i):
-        return keras.layers.Dense(num_classes, bias_initializer=keras.initializers.Constant(
+        return Linear(num_classes, bias_initializer=keras.initializers.Constant(
             prior_bias), name=f"class_embed.{i}")
 
     class_embed = [class_head(i) for i in range(heads)]
@@ -529,7 +529,7 @@ def deformable_detr(*, img_size=(800, 1344), in_chans=3, num_classes=91, num_que
     if two_stage:
         enc_memory, proposals = EncoderProposals(shapes, name="transformer.enc_proposals")(
             memory, mask)
-        x = keras.layers.Dense(embed_dim, name="transformer.enc_output")(enc_memory)
+        x = Linear(embed_dim, name="transformer.enc_output")(enc_memory)
         x = _norm("transformer.enc_output_norm")(x)
         enc_logits = class_embed[dec_layers](x)
         enc_boxes = keras.layers.Add(name="transformer.enc_box_logits")(
@@ -538,7 +538,7 @@ def deformable_detr(*, img_size=(800, 1344), in_chans=3, num_classes=91, num_que
             enc_logits, enc_boxes)
         reference = keras.layers.Activation("sigmoid", name="transformer.init_reference")(
             top_boxes)
-        x = keras.layers.Dense(2 * embed_dim, name="transformer.pos_trans")(top_pos)
+        x = Linear(2 * embed_dim, name="transformer.pos_trans")(top_pos)
         x = _norm("transformer.pos_trans_norm")(x)
         query_pos, tgt = SplitHalves(name="transformer.query_split")(x)
         if aux_outputs:
@@ -547,8 +547,8 @@ def deformable_detr(*, img_size=(800, 1344), in_chans=3, num_classes=91, num_que
                 enc_boxes)
     else:
         query_pos, tgt = LearnedQueries(num_queries, embed_dim, name="query_embed")(src)
-        reference = keras.layers.Dense(2, activation="sigmoid", kernel_initializer="glorot_uniform",
-                                       name="transformer.reference_points")(query_pos)
+        reference = Linear(2, activation="sigmoid", kernel_initializer="glorot_uniform",
+                           name="transformer.reference_points")(query_pos)
 
     logits, boxes = [], []
     for i in range(dec_layers):

@@ -14,6 +14,7 @@ import keras
 from keras import ops
 
 from keras_vit.layers.attention import softmax_float32
+from keras_vit.layers.common import Linear
 
 
 def level_tables(spatial_shapes, num_heads, num_points):
@@ -105,16 +106,15 @@ class MultiScaleDeformableAttention(keras.layers.Layer):
         ring = ring / np.abs(ring).max(-1, keepdims=True)
         ring = np.tile(ring[:, None, None], (1, self.num_levels, self.num_points, 1))
         ring = ring * np.arange(1, self.num_points + 1, dtype=np.float32)[None, None, :, None]
-        self.sampling_offsets = keras.layers.Dense(
+        self.sampling_offsets = Linear(
             slots * 2, kernel_initializer="zeros",
             bias_initializer=keras.initializers.Constant(ring.reshape(-1)),
             name="sampling_offsets")
-        self.attention_weights = keras.layers.Dense(slots, kernel_initializer="zeros",
-                                                    name="attention_weights")
-        self.value_proj = keras.layers.Dense(self.dim, kernel_initializer="glorot_uniform",
-                                             name="value_proj")
-        self.output_proj = keras.layers.Dense(self.dim, kernel_initializer="glorot_uniform",
-                                              name="output_proj")
+        self.attention_weights = Linear(slots, kernel_initializer="zeros",
+                                        name="attention_weights")
+        self.value_proj = Linear(self.dim, kernel_initializer="glorot_uniform", name="value_proj")
+        self.output_proj = Linear(self.dim, kernel_initializer="glorot_uniform",
+                                  name="output_proj")
 
     def build(self, query_shape, reference_points_shape=None, value_shape=None,
               value_mask_shape=None):
