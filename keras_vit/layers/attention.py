@@ -82,17 +82,19 @@ class MultiHeadAttention(keras.layers.Layer):
 
     def project_qkv(self, x, context=None):
         """Returns q, k, v as (B, H, N, d)."""
-        d = self.inner_dim
         if self.cross:
             if context is None:
                 raise ValueError("cross-attention needs a context (the keys/values input)")
-            q = self.q(x)
+            d = self.inner_dim
             kv = self.kv(context)
-            k, v = kv[..., :d], kv[..., d:]
-        else:
-            qkv = self.qkv(x)
-            q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
-        return tuple(split_heads(t, self.num_heads) for t in (q, k, v))
+            return tuple(split_heads(t, self.num_heads) for t in (self.q(x), kv[..., :d],
+                                                                  kv[..., d:]))
+        # One transpose of all 3 * heads, then q, k, v are contiguous slices of it: slicing
+        # them out of the channels first costs three strided copies and three transposes
+        # (all still 4-D for TFLite/XNNPACK).
+        qkv = split_heads(self.qkv(x), 3 * self.num_heads)  # (B, 3H, N, d)
+        h = self.num_heads
+        return qkv[:, :h], qkv[:, h:2 * h], qkv[:, 2 * h:]
 
     def scores(self, q, k, mask=None, bias=None):
         """The attention logits QK^T / sqrt(d) (+ bias, masked), (B, H, queries, keys)."""
