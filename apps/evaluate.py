@@ -84,12 +84,16 @@ def evaluate(model, pipe, num_classes, float32_model=None):
     whose top-1 class the two agree on."""
     import numpy as np
 
+    from keras_vit.models.common import graph_forward
+
+    forward = graph_forward(model)
+    reference_forward = graph_forward(float32_model) if float32_model is not None else None
     confusion = np.zeros((num_classes, num_classes), np.int64)
     top5 = total = agree = 0
     for images, labels in pipe:
-        logits = np.asarray(model(images, training=False), np.float32)
-        if float32_model is not None:
-            reference = np.asarray(float32_model(images, training=False))
+        logits = np.asarray(forward(images), np.float32)
+        if reference_forward is not None:
+            reference = np.asarray(reference_forward(images))
             agree += int((reference.argmax(-1) == logits.argmax(-1)).sum())
         labels = np.asarray(labels)
         confusion += np.bincount(labels * num_classes + logits.argmax(-1),

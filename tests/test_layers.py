@@ -214,3 +214,19 @@ def test_transformer_block_linear_layers_fuse_with_bias_and_gelu():
     assert not [op for op, _ in ops if op == "MatMul"]
     fused = sorted(tuple(f) for op, f in ops if op == "_FusedMatMul")
     assert fused == [("BiasAdd",)] * 3 + [("BiasAdd", "GeluExact")]
+
+
+def test_graph_forward_equals_the_eager_call_for_every_batch_size():
+    """What apps/evaluate.py and the trainer's accuracy run: the model as a tf.function
+    (fused linear layers) gives the eager call's logits, for full and ragged last batches
+    (1e-5: fused and unfused oneDNN kernels sum in a different order)."""
+    from keras_vit import create_model
+    from keras_vit.models.common import graph_forward
+
+    model = create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=5)
+    forward = graph_forward(model)
+    rng = np.random.default_rng(4)
+    for batch in (4, 3, 4, 1):
+        x = rng.standard_normal((batch, 32, 32, 3)).astype(np.float32)
+        np.testing.assert_allclose(np.asarray(forward(x)),
+                                   np.asarray(model(x, training=False)), atol=1e-5)

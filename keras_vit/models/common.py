@@ -128,6 +128,18 @@ def token_trunk_model(inputs, x, block, depth, *, grid, num_classes, name, drop_
     return classifier_model(inputs, pooled, num_classes, name, drop_rate=drop_rate)
 
 
+def graph_forward(model):
+    """``model(x, training=False)`` as a TensorFlow graph (a tf.function that retraces once
+    for a new batch size, not for every one); the plain call on other backends. Called
+    eagerly, a model runs op by op; in a graph, grappler fuses each linear layer with its
+    bias and activation (layers.Linear), which bfloat16 inference on CPU needs most."""
+    if keras.backend.backend() != "tensorflow":
+        return lambda x: model(x, training=False)
+    import tensorflow as tf
+
+    return tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+
+
 def count_parameters(model):
     """Parameters as torch counts them: every weight but BatchNorm's running statistics
     (buffers in torch, non-trainable weights in Keras)."""

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 from absl import logging
 
+from keras_vit.models.common import graph_forward
 from keras_vit.training import callbacks as cb
 from keras_vit.training.distillation import MODES as DISTILLATIONS, DistillationModel
 from keras_vit.training.schedules import WarmupSchedule
@@ -651,8 +652,9 @@ def load_trained_model(path):
 
 def evaluate_accuracy(model, pipe):
     correct = total = 0
+    forward = graph_forward(model)
     for images, labels in pipe:
-        pred = np.asarray(model(images, training=False)).argmax(-1)
+        pred = np.asarray(forward(images)).argmax(-1)
         labels = np.asarray(labels)
         labels = labels.argmax(-1) if labels.ndim == 2 else labels
         correct += int((pred == labels).sum())
