@@ -284,6 +284,33 @@ def test_xla_is_off_on_cpus_for_models_with_depthwise_convolutions(caplog):
             config.enable_op_determinism()
 
 
+def test_xla_is_off_on_cpus_for_models_in_bfloat16(caplog):
+    """--mixed_precision=mixed_bfloat16 with --jit_compile on a CPU: XLA:CPU runs bfloat16
+    without oneDNN (a ViT-S train step 0.7x the graph's), so the step runs as a graph, with
+    the reason logged; the same model in float32 compiles as asked."""
+    import keras
+    from tensorflow.python.framework import config
+
+    from families import build_smallest
+    from keras_vit.training.strategy import resolve_jit_compile
+
+    determinism = config.is_op_determinism_enabled()
+    config.disable_op_determinism()
+    try:
+        keras.config.set_dtype_policy("mixed_bfloat16")
+        try:
+            model = build_smallest("vit")
+        finally:
+            keras.config.set_dtype_policy("float32")
+        with caplog.at_level("WARNING"):
+            assert resolve_jit_compile(True, model=model) is False
+        assert "computes in bfloat16" in caplog.text
+        assert resolve_jit_compile(True, model=build_smallest("vit")) is True
+    finally:
+        if determinism:
+            config.enable_op_determinism()
+
+
 def test_deit_distillation_trains_both_heads(tmp_path):
     from keras_vit.training import TrainConfig, train
 

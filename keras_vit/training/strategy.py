@@ -95,7 +95,9 @@ def resolve_jit_compile(requested, strategy=None, what="the train and eval steps
     on CPUs runs as a plain tf.function graph instead. Keras does not XLA-compile under op
     determinism either. A ``model`` with depthwise convolutions (PVT v2, XCiT, Twins, PiT,
     CMT, SegFormer) runs as a graph on CPUs too: XLA:CPU's depthwise convolution took 17.5x
-    TensorFlow's kernel (benchmarks/README.md; PVT v2-B0 4.8 against 36 img/s). Everything
+    TensorFlow's kernel (benchmarks/README.md; PVT v2-B0 4.8 against 36 img/s). So does a
+    model under a bfloat16 policy on CPUs: XLA:CPU does not call oneDNN's bfloat16 kernels
+    (ViT-S mixed_bfloat16 train step 5.5 img/s under XLA, 7.0-7.9 as a graph). Everything
     else compiles as asked. Logs one line when it overrides the request."""
     if not requested:
         return False
@@ -110,6 +112,10 @@ def resolve_jit_compile(requested, strategy=None, what="the train and eval steps
           and holds_depthwise_convolution(model)):
         reason = ("the model holds depthwise convolutions, which XLA runs ~17x slower than "
                   "TensorFlow's own kernel on CPUs")
+    elif (model is not None and _device_types(strategy) == {"CPU"}
+          and "bfloat16" in model.dtype_policy.name):
+        reason = ("the model computes in bfloat16, which XLA:CPU runs without oneDNN (a ViT-S "
+                  "train step 0.7x the graph's)")
     else:
         return True
     logging.warning("XLA off for %s: %s; running them as tf.function graphs", what, reason)
