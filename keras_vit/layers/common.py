@@ -27,10 +27,8 @@ def flatten_tokens(x):
     if len(x.shape) <= 2:
         return x, lambda y: y
     lead = tuple(x.shape[1:-1])
-    if any(d is None for d in lead):
-        lead_shape = ops.shape(x)[:-1]
-        return (ops.reshape(x, (-1, x.shape[-1])),
-                lambda y: ops.reshape(y, tuple(lead_shape) + (y.shape[-1],)))
+    if any(d is None for d in lead):  # sizes only known at run time
+        lead = tuple(ops.shape(x)[1:-1])
     return ops.reshape(x, (-1, x.shape[-1])), lambda y: ops.reshape(y, (-1,) + lead + (y.shape[-1],))
 
 
@@ -38,8 +36,8 @@ def flatten_tokens(x):
 class Linear(keras.layers.Dense):
     """keras.layers.Dense that runs on inputs of any rank as one 2-D matmul (see
     ``flatten_tokens``): the same weights, config and results, and on CPU under TensorFlow
-    the MatMul, bias and activation run as one fused oneDNN op (a bfloat16 ViT-S/16 MLP
-    layer with GELU: 3.5x faster, benchmarks/README.md)."""
+    the MatMul, bias and activation run as one fused oneDNN op (mixed_bfloat16 ViT-S/16
+    inference +25-31%, benchmarks/README.md, "Fused linear layers")."""
 
     def call(self, inputs, training=None):
         x, restore = flatten_tokens(inputs)

@@ -59,8 +59,8 @@ class PatchMerging(keras.layers.Layer):
         if h % 2 or w % 2:
             x = ops.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
         h2, w2 = (h + 1) // 2, (w + 1) // 2
-        # Two 4-D transposes, not four stride-2 slices: TensorFlow's strided slice copies
-        # element by element (47 of 341 ms of a bfloat16 Swin-T forward).
+        # Two 4-D transposes, not four stride-2 slices: XNNPACK takes only unit-stride
+        # slices, so the slices left TFLite's fast path (Swin-T batch 1: 50.3 -> 47.7 ms).
         x = ops.reshape(x, (-1, 2, w2, 2 * c))  # (B*h2, row offset, w2, column offset * C)
         x = ops.transpose(x, (0, 2, 1, 3))
         x = ops.reshape(x, (-1, 2, 2, c))  # (B*h2*w2, row offset, column offset, C)

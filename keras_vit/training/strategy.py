@@ -103,17 +103,17 @@ def resolve_jit_compile(requested, strategy=None, what="the train and eval steps
         return False
     replicated = strategy is not None and (strategy.num_replicas_in_sync > 1
                                            or is_multi_worker(strategy))
-    if replicated and _device_types(strategy) == {"CPU"}:
+    on_cpus = _device_types(strategy) == {"CPU"}
+    cpu_model = model is not None and on_cpus
+    if replicated and on_cpus:
         reason = (f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} replicas on "
                   "CPU devices all-reduces inside the step, and XLA has no CPU collectives")
     elif _op_determinism_enabled():
         reason = "op determinism is on, and Keras does not XLA-compile deterministic steps"
-    elif (model is not None and _device_types(strategy) == {"CPU"}
-          and holds_depthwise_convolution(model)):
+    elif cpu_model and holds_depthwise_convolution(model):
         reason = ("the model holds depthwise convolutions, which XLA runs ~17x slower than "
                   "TensorFlow's own kernel on CPUs")
-    elif (model is not None and _device_types(strategy) == {"CPU"}
-          and "bfloat16" in model.dtype_policy.name):
+    elif cpu_model and "bfloat16" in model.dtype_policy.name:
         reason = ("the model computes in bfloat16, which XLA:CPU runs without oneDNN (a ViT-S "
                   "train step 0.7x the graph's)")
     else:
