@@ -215,6 +215,81 @@ def test_transformer_block_linear_layers_fuse_with_bias_and_gelu():
     assert not [op for op, _ in ops if op == "MatMul"]
     fused = sorted(tuple(f) for op, f in ops if op == "_FusedMatMul")
     assert fused == [("BiasAdd",)] * 3 + [("BiasAdd", "GeluExact")]
+    # and both LayerNorms are one oneDNN kernel each, none of their eight element-wise ops left
+    assert [op for op, _ in ops].count("_MklLayerNorm") == 2
+    assert not {"Mean", "Rsqrt", "SquaredDifference", "FusedBatchNormV3"} & {op for op, _ in ops}
+
+
+def _layer_norm_pair(shape, seed):
+    """The project's LayerNorm and Keras' own with the same random gamma and beta."""
+    rng = np.random.default_rng(seed)
+    ours, ref = L.LayerNorm(epsilon=1e-6), keras.layers.LayerNormalization(epsilon=1e-6)
+    ours.build(shape)
+    ref.build(shape)
+    ours.set_weights([rng.standard_normal(shape[-1:]).astype(np.float32) for _ in range(2)])
+    ref.set_weights(ours.get_weights())
+    return ours, ref, (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(6, 16), (2, 5, 16), (2, 3, 4, 16)])
+def test_layer_norm_equals_keras_and_fuses_on_every_rank(shape):
+    """LayerNorm gives Keras' LayerNormalization's outputs and gradients (1e-5: the oneDNN
+    batch-norm kernel sums in another order), eagerly and as a graph, and the graph is one
+    fused _MklLayerNorm for Swin's (B, H, W, C) maps as for (B, N, C) tokens."""
+    import tensorflow as tf
+
+    ours, ref, x = _layer_norm_pair(shape, seed=5)
+    want = np.asarray(ref(x))
+    np.testing.assert_allclose(np.asarray(ours(x)), want, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(tf.function(ours)(x)), want, atol=1e-5)
+    x = tf.constant(x)
+    grads = []
+    for layer in (ours, ref):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x) ** 2)
+        grads.append(tape.gradient(loss, [x] + layer.trainable_variables))
+    for got, ref_grad in zip(*grads):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref_grad), rtol=1e-4, atol=1e-4)
+    ops = {op for op, _ in grappler_optimized_ops(ours, tf.TensorSpec(shape))}
+    assert "_MklLayerNorm" in ops and not {"Mean", "Rsqrt", "FusedBatchNormV3"} & ops
+
+
+def test_layer_norm_under_mixed_bfloat16_and_unknown_batch():
+    """Under mixed_bfloat16 the normalisation still runs in float32 (as Keras' does) and
+    returns bfloat16 equal to Keras' result; an unknown batch size traces once and runs."""
+    import tensorflow as tf
+
+    ours, ref, x = _layer_norm_pair((2, 5, 16), seed=6)
+    ours_bf = L.LayerNorm(epsilon=1e-6, dtype="mixed_bfloat16")
+    ref_bf = keras.layers.LayerNormalization(epsilon=1e-6, dtype="mixed_bfloat16")
+    for layer in (ours_bf, ref_bf):
+        layer.build(x.shape)
+        layer.set_weights(ours.get_weights())
+    got = ours_bf(tf.cast(x, tf.bfloat16))
+    assert got.dtype == tf.bfloat16
+    np.testing.assert_array_equal(np.asarray(tf.cast(got, tf.float32)),
+                                  np.asarray(tf.cast(ref_bf(tf.cast(x, tf.bfloat16)), tf.float32)))
+    fn = tf.function(ours, input_signature=[tf.TensorSpec((None, 5, 16))])
+    for batch in (1, 3):
+        xb = np.repeat(x[:1], batch, axis=0)
+        np.testing.assert_allclose(np.asarray(fn(xb)), np.asarray(ref(xb)), atol=1e-5)
+
+
+def test_layer_norm_converts_to_tflite_without_transposes(tmp_path):
+    """The TFLite converter traces Keras' own LayerNorm form (MEAN / RSQRT / MUL): the fused
+    form's NCHW batch norm would convert with TRANSPOSEs around it."""
+    from keras_vit.export.tflite import LiteRTRunner, export_tflite
+
+    ours, ref, x = _layer_norm_pair((1, 5, 16), seed=7)
+    inputs = keras.Input((5, 16))
+    model = keras.Model(inputs, ours(inputs))
+    path = tmp_path / "ln.tflite"
+    export_tflite(model, str(path))
+    runner = LiteRTRunner(str(path))
+    op_names = {d["op_name"] for d in runner.interpreter._get_ops_details()}
+    assert "TRANSPOSE" not in op_names and "MEAN" in op_names
+    np.testing.assert_allclose(runner(x), np.asarray(ref(x)), atol=1e-5)
 
 
 def test_graph_forward_equals_the_eager_call_for_every_batch_size():
