@@ -256,8 +256,8 @@ def test_layer_norm_equals_keras_and_fuses_on_every_rank(shape):
 
 
 def test_layer_norm_under_mixed_bfloat16_and_unknown_batch():
-    """Under mixed_bfloat16 the normalisation still runs in float32 (as Keras' does) and
-    returns bfloat16 equal to Keras' result; an unknown batch size traces once and runs."""
+    """Under mixed_bfloat16 the normalisation still runs in float32 (as Keras' does), fused,
+    and returns bfloat16 equal to Keras' result; an unknown batch size traces and runs."""
     import tensorflow as tf
 
     ours, ref, x = _layer_norm_pair((2, 5, 16), seed=6)
@@ -268,6 +268,9 @@ def test_layer_norm_under_mixed_bfloat16_and_unknown_batch():
         layer.set_weights(ours.get_weights())
     got = ours_bf(tf.cast(x, tf.bfloat16))
     assert got.dtype == tf.bfloat16
+    # fused in bfloat16 models too (grappler would move the float32 cast past the reshape)
+    ops = {op for op, _ in grappler_optimized_ops(ours_bf, tf.TensorSpec(x.shape, tf.bfloat16))}
+    assert "_MklLayerNorm" in ops and "FusedBatchNormV3" not in ops
     np.testing.assert_array_equal(np.asarray(tf.cast(got, tf.float32)),
                                   np.asarray(tf.cast(ref_bf(tf.cast(x, tf.bfloat16)), tf.float32)))
     fn = tf.function(ours, input_signature=[tf.TensorSpec((None, 5, 16))])
