@@ -4,6 +4,10 @@ import os
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# oneDNN on, as the apps set it (apps/common.py): TensorFlow 2.21 turns it on by itself only
+# on CPUs with AVX-512 VNNI/BF16 or AMX, so without this the suite would test other kernels
+# (and no fused LayerNorm) on other CPUs.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One worker per core (scripts/test.sh): one TensorFlow thread pool each, no oversubscription.
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")

@@ -73,6 +73,37 @@ def test_softmax_float32_rounds_once():
                                   np.asarray(keras.ops.softmax(wide, axis=-1)))
 
 
+def test_bfloat16_softmax_skips_the_casts_where_onednn_rounds_once():
+    """With TensorFlow's oneDNN kernels on a CPU (as the apps and this suite run), bfloat16
+    softmax computes in float32 and rounds once, so softmax_float32 calls it directly:
+    bit-identical to the float32 softmax cast to bfloat16, without the two casts of the
+    logits. Under a gradient tape it keeps the casts (TensorFlow's softmax gradient would
+    otherwise run in bfloat16)."""
+    import tensorflow as tf
+
+    from keras_vit.layers.common import onednn_cpu
+
+    assert onednn_cpu()
+    rng = np.random.default_rng(1)
+    logits = tf.cast(rng.standard_normal((2, 3, 197, 197)).astype(np.float32) * 4, tf.bfloat16)
+    direct = tf.function(softmax_float32)
+    via_float32 = tf.cast(tf.nn.softmax(tf.cast(logits, tf.float32)), tf.bfloat16)
+    np.testing.assert_array_equal(np.asarray(tf.cast(direct(logits), tf.float32)),
+                                  np.asarray(tf.cast(via_float32, tf.float32)))
+    graph = direct.get_concrete_function(tf.TensorSpec(logits.shape, tf.bfloat16)).graph
+    assert not [op for op in graph.get_operations() if op.type == "Cast"]
+
+    @tf.function
+    def taped(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = softmax_float32(x)
+        return tape.gradient(tf.reduce_sum(y * y), x)
+
+    graph = taped.get_concrete_function(tf.TensorSpec(logits.shape, tf.bfloat16)).graph
+    assert [op for op in graph.get_operations() if op.type == "Cast"]
+
+
 def test_policy_names_and_scope():
     assert policy_name("bfloat16") == "mixed_bfloat16"
     assert policy_name("mixed_bfloat16") == "mixed_bfloat16"
@@ -99,10 +130,14 @@ _ATTENTION_CASES = [(case, None) for case in sorted(SMALLEST) if case != "resnet
 
 @pytest.mark.parametrize("case,attention", _ATTENTION_CASES,
                          ids=[c + (f"-{a}" if a else "") for c, a in _ATTENTION_CASES])
-def test_every_attention_softmax_runs_in_float32_under_mixed_bfloat16(case, attention):
+def test_every_attention_softmax_runs_in_float32_under_mixed_bfloat16(case, attention,
+                                                                     monkeypatch):
     # Under mixed_bfloat16 a bfloat16 softmax sums a row of exponentials with an 8-bit
     # mantissa (errors of a few percent over 197 keys); every family's attention, the
     # detectors' and segmenters' and each efficient token mixer must take softmax_float32.
+    # (As where oneDNN is off: with it, softmax_float32 takes the bfloat16 softmax, which
+    # oneDNN computes in float32, see the test above.)
+    monkeypatch.setattr("keras_vit.layers.attention.onednn_cpu", lambda: False)
     extra = {"attention": attention} if attention else {}
     model = build_smallest(case, dtype_policy="mixed_bfloat16", **extra)
     dtypes = _softmax_dtypes(model, SMALLEST[case][1]["img_size"])

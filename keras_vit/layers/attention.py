@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_vit.layers.common import dense
+from keras_vit.layers.common import dense, onednn_cpu
 
 
 def split_heads(x, num_heads):
@@ -30,9 +30,21 @@ def softmax_float32(logits, axis=-1):
     """Softmax computed in float32 and returned in the logits' dtype: under a bfloat16
     policy, its 8-bit mantissa sums the exponentials of a long row with errors of a few
     percent (float32 and float64 logits: unchanged, no casts)."""
-    if keras.backend.standardize_dtype(logits.dtype) not in ("bfloat16", "float16"):
+    dtype = keras.backend.standardize_dtype(logits.dtype)
+    if dtype not in ("bfloat16", "float16"):
+        return ops.softmax(logits, axis=axis)
+    if dtype == "bfloat16" and onednn_cpu() and not _recording_gradients():
+        # oneDNN's bfloat16 softmax computes in float32 and rounds once: bit-identical to
+        # the casts below (tested) without casting the (B, H, N, N) logits twice. Not under
+        # a gradient tape: TensorFlow's softmax gradient would run in bfloat16.
         return ops.softmax(logits, axis=axis)
     return ops.cast(ops.softmax(ops.cast(logits, "float32"), axis=axis), logits.dtype)
+
+
+def _recording_gradients():
+    from tensorflow.python.eager import record
+
+    return record.could_possibly_record()
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")

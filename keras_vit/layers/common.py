@@ -98,10 +98,16 @@ def unfused_layer_norm():
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_only():
+def onednn_cpu():
+    """True where TensorFlow runs on CPUs only, with its oneDNN kernels on: where the fused
+    LayerNorm and the bfloat16 softmax (layers.attention) apply."""
+    if keras.backend.backend() != "tensorflow":
+        return False
     import tensorflow as tf
+    from tensorflow.python.util import _pywrap_util_port
 
-    return not (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+    return bool(_pywrap_util_port.IsMklEnabled()) and not (
+        tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
@@ -116,9 +122,8 @@ class LayerNorm(keras.layers.LayerNormalization):
     def call(self, inputs):
         rank = len(inputs.shape)
         axes = [a % rank for a in (self.axis if isinstance(self.axis, (list, tuple)) else [self.axis])]
-        if (keras.backend.backend() != "tensorflow" or axes != [rank - 1]
-                or self.rms_scaling or not (self.center and self.scale)
-                or not _FUSED_LAYER_NORM.get() or not _cpu_only()):
+        if (axes != [rank - 1] or self.rms_scaling or not (self.center and self.scale)
+                or not _FUSED_LAYER_NORM.get() or not onednn_cpu()):
             return super().call(inputs)
         import tensorflow as tf
 
