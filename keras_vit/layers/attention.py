@@ -97,16 +97,14 @@ class MultiHeadAttention(keras.layers.Layer):
         if self.cross:
             if context is None:
                 raise ValueError("cross-attention needs a context (the keys/values input)")
-            d = self.inner_dim
-            kv = self.kv(context)
-            return tuple(split_heads(t, self.num_heads) for t in (self.q(x), kv[..., :d],
-                                                                  kv[..., d:]))
+            k, v = ops.split(self.kv(context), 2, axis=-1)
+            return tuple(split_heads(t, self.num_heads) for t in (self.q(x), k, v))
         # One transpose of all 3 * heads, then q, k, v are contiguous slices of it: slicing
         # them out of the channels first costs three strided copies and three transposes
-        # (all still 4-D for TFLite/XNNPACK).
+        # (all still 4-D for TFLite/XNNPACK). One split, not three slices: the gradient of a
+        # split is one concat, of a slice a zero-filled full-size tensor each, summed.
         qkv = split_heads(self.qkv(x), 3 * self.num_heads)  # (B, 3H, N, d)
-        h = self.num_heads
-        return qkv[:, :h], qkv[:, h:2 * h], qkv[:, 2 * h:]
+        return tuple(ops.split(qkv, 3, axis=1))
 
     def scores(self, q, k, mask=None, bias=None):
         """The attention logits QK^T / sqrt(d) (+ bias, masked), (B, H, queries, keys)."""

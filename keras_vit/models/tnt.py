@@ -100,9 +100,7 @@ class TntAttention(keras.layers.Layer):
         self.proj.build(tuple(input_shape[:-1]) + (self.dim,))
 
     def call(self, x, training=None):
-        qk = self.qk(x)
-        q = split_heads(qk[..., :self.hidden_dim], self.num_heads)
-        k = split_heads(qk[..., self.hidden_dim:], self.num_heads)
+        q, k = (split_heads(t, self.num_heads) for t in ops.split(self.qk(x), 2, axis=-1))
         v = split_heads(self.v(x), self.num_heads)
         attn = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) * ops.cast(self.scale, q.dtype)
         attn = self.attn_dropout(softmax_float32(attn), training=training)
