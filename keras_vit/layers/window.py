@@ -48,7 +48,7 @@ def window_reverse(windows, window_size, height, width):
 
 
 def cyclic_shift(x, shift, axes=(1, 2)):
-    """``torch.roll(x, shifts=shift, dims=axes)`` as slice + concatenate (exact, builtin TFLite).
+    """``torch.roll(x, shifts=shift, dims=axes)`` as split + concatenate (exact, builtin TFLite).
 
     A negative shift moves content towards the start (Swin's forward shift),
     a positive one back.
@@ -58,10 +58,10 @@ def cyclic_shift(x, shift, axes=(1, 2)):
         s = s % size if size else 0
         if s == 0:
             continue
-        head = [slice(None)] * len(x.shape)
-        tail = [slice(None)] * len(x.shape)
-        head[axis], tail[axis] = slice(size - s, None), slice(0, size - s)
-        x = ops.concatenate([x[tuple(head)], x[tuple(tail)]], axis=axis)
+        # A split, not two slices: its gradient is one concat, a slice's a zero-filled
+        # full-size tensor each (Swin-T's float32 train step, benchmarks/README.md).
+        tail, head = ops.split(x, [size - s], axis=axis)
+        x = ops.concatenate([head, tail], axis=axis)
     return x
 
 
