@@ -320,6 +320,11 @@ def test_layer_norm_under_mixed_bfloat16_and_unknown_batch():
     assert "_MklLayerNorm" in ops and "FusedBatchNormV3" not in ops
     np.testing.assert_array_equal(np.asarray(tf.cast(got, tf.float32)),
                                   np.asarray(tf.cast(ref_bf(tf.cast(x, tf.bfloat16)), tf.float32)))
+    # float64 (the float64 parity fixtures) has no fused kernel: Keras' own call, exactly
+    ours64 = L.LayerNorm(epsilon=1e-6, dtype="float64")
+    ref64 = keras.layers.LayerNormalization(epsilon=1e-6, dtype="float64")
+    np.testing.assert_array_equal(np.asarray(ours64(x.astype(np.float64))),
+                                  np.asarray(ref64(x.astype(np.float64))))
     fn = tf.function(ours, input_signature=[tf.TensorSpec((None, 5, 16))])
     for batch in (1, 3):
         xb = np.repeat(x[:1], batch, axis=0)

@@ -122,7 +122,9 @@ class LayerNorm(keras.layers.LayerNormalization):
     def call(self, inputs):
         rank = len(inputs.shape)
         axes = [a % rank for a in (self.axis if isinstance(self.axis, (list, tuple)) else [self.axis])]
+        dtype = keras.backend.standardize_dtype(inputs.dtype)
         if (axes != [rank - 1] or self.rms_scaling or not (self.center and self.scale)
+                or dtype not in ("float32", "bfloat16", "float16")  # float64: no fused kernel
                 or not _FUSED_LAYER_NORM.get() or not onednn_cpu()):
             return super().call(inputs)
         import tensorflow as tf
