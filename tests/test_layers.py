@@ -287,6 +287,8 @@ def test_layer_norm_equals_keras_and_fuses_on_every_rank(shape):
 
     ours, ref, x = _layer_norm_pair(shape, seed=5)
     want = np.asarray(ref(x))
+    # 1e-5 on outputs of unit scale (x ~ 3 N(0,1) + 1, gamma, beta ~ N(0,1)): the batch-norm
+    # kernel sums the mean and variance in another order than Keras' reductions, float32 ulps
     np.testing.assert_allclose(np.asarray(ours(x)), want, atol=1e-5)
     np.testing.assert_allclose(np.asarray(tf.function(ours)(x)), want, atol=1e-5)
     x = tf.constant(x)
@@ -297,6 +299,9 @@ def test_layer_norm_equals_keras_and_fuses_on_every_rank(shape):
             loss = tf.reduce_sum(layer(x) ** 2)
         grads.append(tape.gradient(loss, [x] + layer.trainable_variables))
     for got, ref_grad in zip(*grads):
+        # 1e-4: the gradients sum over up to 24 rows of terms of size ~10 (loss = sum y^2),
+        # so the last-bit differences of the forward sums grow by that much; a wrong
+        # gradient formula would be off by O(1)
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref_grad), rtol=1e-4, atol=1e-4)
     ops = {op for op, _ in grappler_optimized_ops(ours, tf.TensorSpec(shape))}
     assert "_MklLayerNorm" in ops and not {"Mean", "Rsqrt", "FusedBatchNormV3"} & ops
@@ -328,6 +333,7 @@ def test_layer_norm_under_mixed_bfloat16_and_unknown_batch():
     fn = tf.function(ours, input_signature=[tf.TensorSpec((None, 5, 16))])
     for batch in (1, 3):
         xb = np.repeat(x[:1], batch, axis=0)
+        # 1e-5: the fused kernel's and Keras' float32 sums differ in the last bits (above)
         np.testing.assert_allclose(np.asarray(fn(xb)), np.asarray(ref(xb)), atol=1e-5)
 
 
@@ -344,6 +350,7 @@ def test_layer_norm_converts_to_tflite_without_transposes(tmp_path):
     runner = LiteRTRunner(str(path))
     op_names = {d["op_name"] for d in runner.interpreter._get_ops_details()}
     assert "TRANSPOSE" not in op_names and "MEAN" in op_names
+    # 1e-5: LiteRT's float32 MEAN/RSQRT kernels round differently from TensorFlow's
     np.testing.assert_allclose(runner(x), np.asarray(ref(x)), atol=1e-5)
 
 

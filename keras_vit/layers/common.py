@@ -129,11 +129,11 @@ class LayerNorm(keras.layers.LayerNormalization):
             return super().call(inputs)
         import tensorflow as tf
 
-        x, input_shape, channels = inputs, tf.shape(inputs), inputs.shape[-1]
+        x, channels = inputs, inputs.shape[-1]
         if x.dtype in (tf.bfloat16, tf.float16):  # float32, as Keras' own LayerNorm computes
             x = tf.cast(x, tf.float32)
-        if rank > 3:  # the fusion takes rank 2 or 3: rows of C (Swin's (B, H, W, C) maps)
-            x = tf.reshape(x, [-1, channels])
+        # the fusion takes rank 2 or 3: rows of C for Swin's (B, H, W, C) maps
+        x, restore = flatten_tokens(x) if rank > 3 else (x, lambda y: y)
         if x is not inputs:
             # An identity grappler does not see through: it would move the cast after the
             # reshape below, or merge the two reshapes, and the pattern would not match.
@@ -150,7 +150,7 @@ class LayerNorm(keras.layers.LayerNormalization):
             mean=tf.constant([], tf.float32), variance=tf.constant([], tf.float32),
             epsilon=self.epsilon, data_format="NCHW", is_training=True)[0]
         y = tf.reshape(y, shape) * tf.cast(self.gamma, x.dtype) + tf.cast(self.beta, x.dtype)
-        return tf.cast(tf.reshape(y, input_shape) if rank > 3 else y, self.compute_dtype)
+        return tf.cast(restore(y), self.compute_dtype)
 
 
 def batch_norm(name=None, eps=1e-5):
