@@ -124,7 +124,9 @@ def fine_tune(model, data, steps):
         return model
     # fit's default shuffle=True means nothing for a dataset (it is shuffled): no warning
     warnings.filterwarnings("ignore", message=".*shuffle=True. was passed")
-    optimizer = keras.optimizers.AdamW(F.finetune_learning_rate, weight_decay=0.05)
+    from keras_vit.training.optimizers import AdamW
+
+    optimizer = AdamW(F.finetune_learning_rate, weight_decay=0.05)
     optimizer.exclude_from_weight_decay(var_names=["gates"])
     # a tf.function step: on these short runs XLA's compile (~10 s) costs more than it saves
     model.compile(optimizer=optimizer,

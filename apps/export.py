@@ -29,15 +29,16 @@ prepare_environment()
 from absl import app, flags  # noqa: E402
 
 F = flags.FLAGS
-MODES = {"fp32": "none", "fp16": "float16", "dynamic": "dynamic", "int8": "int8",
-         "int8_mixed": "int8_mixed"}
+MODES = {"fp32": "none", "fp16": "float16", "dynamic": "dynamic",
+         "dynamic_mixed": "dynamic_mixed", "int8": "int8", "int8_mixed": "int8_mixed"}
 RECOMMEND_AGREEMENT = 0.99
 flags.DEFINE_string("model_path", None, "A .keras file, a training model_dir or a registered "
                     "name.", required=True)
 flags.DEFINE_string("export_dir", "saved_models/export", "Output directory.")
 flags.DEFINE_list("modes", list(MODES), "TFLite modes: " + ",".join(MODES) + " (int8_mixed: "
                   "int8 matmuls and convolutions, LayerNorm/softmax/GELU float, layer groups "
-                  "back in float until agreement >= 99%).")
+                  "back in float until agreement >= 99%; dynamic_mixed: dynamic range, layer "
+                  "groups back to float weights until agreement >= 99.5%).")
 flags.DEFINE_bool("saved_model", True, "Also write a SavedModel.")
 flags.DEFINE_string("dataset", None, "Calibration/verification data (needed for int8; "
                     "default: the training run's).")
@@ -192,7 +193,7 @@ def main(argv):
         print(f"| {mode} | {r['path']} | {r['size_bytes'] / 1e6:.2f} | {latency} | {diffs[0]} | "
               f"{diffs[1]} | {top1} |")
         if r.get("mixed_precision"):
-            print(f"  int8_mixed: float layer groups {r['mixed_precision']['float_groups'] or 'none'}"
+            print(f"  {mode}: float layer groups {r['mixed_precision']['float_groups'] or 'none'}"
                   f"; int8: {', '.join(r['mixed_precision']['int8_groups']) or 'none'}")
     recommended = recommend(rows, kind)
     if recommended:

@@ -59,8 +59,10 @@ flags.DEFINE_enum("mixed_precision", "none", ["none", "mixed_float16", "mixed_bf
 flags.DEFINE_bool("jit_compile", True, "Compile train/eval steps with XLA (off where it cannot compile them or is slower: README).")
 flags.DEFINE_string("model_dir", "runs/default", "Checkpoints, TensorBoard logs, flags, curves.")
 flags.DEFINE_string("export_dir", None, "Export SavedModel (and TFLite) here at the end.")
-flags.DEFINE_enum("export_tflite", "none", ["none", "fp32", "fp16", "dynamic", "int8", "int8_mixed"],
+flags.DEFINE_enum("export_tflite", "none", ["none", "fp32", "fp16", "dynamic", "dynamic_mixed",
+                                           "int8", "int8_mixed"],
                   "TFLite export (int8_mixed: int8 matmuls and convolutions, the rest float; "
+                  "dynamic_mixed: dynamic range with the layers it costs most agreement float; "
                   "see apps/export.py).")
 flags.DEFINE_integer("checkpoint_every", 100, "Save a checkpoint every N steps (and every epoch).")
 flags.DEFINE_integer("keep_checkpoints", 2, "Keep the newest N step checkpoints (an unreadable "

@@ -11,9 +11,10 @@ from keras_vit.registry import (  # noqa: E402
     list_pretrained,
     register_model,
 )
-# Registers what the apps save with a model (the optimizer's learning-rate schedule), so
+# Registers what the apps save with a model (the optimizer and its learning-rate schedule), so
 # keras.saving.load_model("runs/<run>/model.keras") works after `import keras_vit` alone.
 from keras_vit.training import schedules as _schedules  # noqa: E402,F401
+from keras_vit.training import optimizers as _optimizers  # noqa: E402,F401
 # ... and the compressed models' own layers (patch slimming, VTP's gates).
 from keras_vit import compress  # noqa: E402,F401
 from keras_vit.registry import _import_families  # noqa: E402

@@ -130,7 +130,9 @@ class KerasBench:
         n_out = len(model.outputs)
         num_classes = int(model.outputs[0].shape[-1])
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        model.compile(optimizer=keras.optimizers.AdamW(1e-4, weight_decay=0.05),
+        from keras_vit.training.optimizers import AdamW  # the apps' AdamW
+
+        model.compile(optimizer=AdamW(1e-4, weight_decay=0.05),
                       loss=[loss] * n_out if n_out > 1 else loss,
                       jit_compile=self.train_jit_compile)
         labels = np.random.default_rng(3).integers(0, num_classes, self.batch_size)

@@ -399,3 +399,68 @@ def test_int8_mixed_keeps_normalisation_and_softmax_float(small_vit, tmp_path):
     if mixed["int8_groups"]:
         assert "int8" in types["FULLY_CONNECTED"] | types.get("CONV_2D", set())
     assert report["size_bytes"] < 0.6 * len(tflite_module.convert(small_vit, "none"))
+
+
+def _weight_types(path, op_name):
+    """{output tensor name: weight (input 1) dtype name} of the file's ``op_name`` ops."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=path)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    return {tensors[op["outputs"][0]]["name"]: np.dtype(tensors[op["inputs"][1]]["dtype"]).name
+            for op in interpreter._get_ops_details() if op["op_name"] == op_name}
+
+
+def test_dynamic_mixed_puts_groups_back_in_float_until_it_agrees(small_vit, tmp_path,
+                                                               monkeypatch):
+    """dynamic_mixed is dynamic range while that agrees (this model: 100%), and with a target
+    no int8 weight can meet, every layer group goes back to float: the file then computes
+    what the fp32 file does, its int8 copies gone from the file."""
+    calibration, held_out = colour_task(64, seed=6)[0], colour_task(96, seed=7)[0]
+    dynamic = export_tflite(small_vit, os.path.join(tmp_path, "dynamic.tflite"), "dynamic",
+                            verification_data=held_out)
+    path = os.path.join(tmp_path, "dynamic_mixed.tflite")
+    report = export_tflite(small_vit, path, "dynamic_mixed", representative_data=calibration,
+                           verification_data=held_out)
+    mixed = report["mixed_precision"]
+    assert dynamic["top1_agreement"] >= tflite_module.DYNAMIC_MIXED_TARGET_AGREEMENT
+    assert mixed["float_groups"] == [] and mixed["search"][0]["agreement"] == report[
+        "top1_agreement"] == dynamic["top1_agreement"]
+    assert report["max_abs_diff"] == dynamic["max_abs_diff"]  # the same file
+    assert _weight_types(path, "FULLY_CONNECTED") == _weight_types(
+        os.path.join(tmp_path, "dynamic.tflite"), "FULLY_CONNECTED")
+    assert "int8" in _weight_types(path, "FULLY_CONNECTED").values()
+
+    monkeypatch.setattr(tflite_module, "DYNAMIC_MIXED_TARGET_AGREEMENT", 1.01)
+    report = export_tflite(small_vit, path, "dynamic_mixed", verification_data=held_out)
+    mixed = report["mixed_precision"]
+    assert mixed["int8_groups"] == [] and len(mixed["search"]) == len(mixed["float_groups"]) + 1
+    assert {"patch_embed/proj", "blocks/attn/qkv", "blocks/mlp/fc2"} <= set(mixed["float_groups"])
+    fp32 = export_tflite(small_vit, os.path.join(tmp_path, "fp32.tflite"), "none",
+                         verification_data=held_out)
+    assert set(_weight_types(path, "FULLY_CONNECTED").values()) == {"float32"}
+    # the fp32 file's tolerance: float weights, float activations
+    assert report["relative_diff"] <= tflite_module.FLOAT_TOLERANCE["none"]
+    assert report["size_bytes"] <= 1.01 * fp32["size_bytes"]
+
+
+def test_dynamic_mixed_keeps_the_chosen_group_float(small_vit, tmp_path):
+    """Given back its float weights, a group's ops are float ops, the others stay int8, and
+    the file still runs and agrees."""
+    data = colour_task(32, seed=3)[0]
+    float_file = tflite_module.convert(small_vit, "none")
+    groups, _ = tflite_module._matmul_groups(float_file)
+    dynamic = tflite_module.convert(small_vit, "dynamic")
+    qkv = tflite_module._with_float_weights(dynamic, float_file, set(groups["blocks/attn/qkv"]))
+    paths = {}
+    for name, flatbuffer in (("dynamic", dynamic), ("qkv_float", qkv)):
+        paths[name] = os.path.join(tmp_path, f"{name}.tflite")
+        with open(paths[name], "wb") as f:
+            f.write(flatbuffer)
+    before = _weight_types(paths["dynamic"], "FULLY_CONNECTED")
+    after = _weight_types(paths["qkv_float"], "FULLY_CONNECTED")
+    changed = {n for n in before if before[n] != after[n]}
+    assert changed == set(groups["blocks/attn/qkv"]) and {after[n] for n in changed} == {
+        "float32"} and {before[n] for n in changed} == {"int8"}
+    assert len(qkv) > len(dynamic)
+    assert verify_tflite(paths["qkv_float"], small_vit, data)["top1_agreement"] >= 0.9

@@ -15,6 +15,7 @@ from absl import logging
 from keras_vit.models.common import graph_forward
 from keras_vit.training import callbacks as cb
 from keras_vit.training.distillation import MODES as DISTILLATIONS, DistillationModel
+from keras_vit.training.optimizers import AdamW
 from keras_vit.training.schedules import WarmupSchedule
 from keras_vit.training.strategy import (STRATEGIES, get_strategy, is_chief, is_multi_worker,
                                          resolve_jit_compile, same_on_every_worker)
@@ -22,9 +23,9 @@ from keras_vit.training.strategy import (STRATEGIES, get_strategy, is_chief, is_
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 TASKS = ("classification", "segmentation", "detection")
-TFLITE_EXPORTS = ("none", "fp32", "fp16", "dynamic", "int8", "int8_mixed")
-_TFLITE_MODE = {"fp32": "none", "fp16": "float16", "dynamic": "dynamic", "int8": "int8",
-                "int8_mixed": "int8_mixed"}
+TFLITE_EXPORTS = ("none", "fp32", "fp16", "dynamic", "dynamic_mixed", "int8", "int8_mixed")
+_TFLITE_MODE = {"fp32": "none", "fp16": "float16", "dynamic": "dynamic",
+                "dynamic_mixed": "dynamic_mixed", "int8": "int8", "int8_mixed": "int8_mixed"}
 
 
 @dataclasses.dataclass
@@ -431,7 +432,7 @@ def _compiled_model(config, task, info, img_size, steps_per_epoch, total_steps, 
     clip = gradient_clip_norm(config, task)
     clip = {"global_clipnorm": clip} if clip else {}
     if config.optimizer == "adamw":
-        optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay, **clip)
+        optimizer = AdamW(schedule, weight_decay=config.weight_decay, **clip)
     else:
         optimizer = keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True,
                                          weight_decay=config.weight_decay or None, **clip)
