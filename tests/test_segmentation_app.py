@@ -53,10 +53,14 @@ def test_train_resume_evaluate_export(tmp_path):
     # The quantized modes (fp32 is the training export's above), calibrated and verified on
     # the run's own validation masks' images.
     proc = run_app("export.py", f"--model_path={run}", f"--export_dir={tmp_path}/export",
-                   "--modes=dynamic,int8", "--batch_size=8", "--calibration_batches=2")
+                   "--modes=dynamic,dynamic_mixed,int8", "--batch_size=8",
+                   "--calibration_batches=2")
     assert "per-pixel agreement" in proc.stdout
     report = read(os.path.join(tmp_path, "export", "export_report.json"))
     assert report["dynamic"]["pixel_agreement"] >= 0.9 and report["int8"]["pixel_agreement"] >= 0.9
+    # dynamic_mixed's search scores segmentation logits by their per-pixel argmax
+    search = report["dynamic_mixed"]["mixed_precision"]["search"]
+    assert search[0]["agreement"] is not None and report["dynamic_mixed"]["pixel_agreement"] >= 0.9
 
 
 def test_a_bad_mask_is_named_before_any_step(tmp_path):

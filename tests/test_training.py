@@ -106,7 +106,9 @@ def test_train_evaluate_export_end_to_end(tmp_path):
     proc = run_app("export.py", f"--model_path={run}", f"--export_dir={tmp_path}/exp",
                    "--dataset=shapes", "--calibration_batches=2", "--batch_size=16", check=False)
     report = read(f"{tmp_path}/exp/export_report.json")
-    assert {"fp32", "fp16", "dynamic"} <= set(report)
+    assert {"fp32", "fp16", "dynamic", "dynamic_mixed"} <= set(report)
+    search = report["dynamic_mixed"]["mixed_precision"]["search"]
+    assert search[-1]["agreement"] >= search[0]["agreement"]  # the search only adds float
     # --saved_model's default (on): test_apps turns it off to time the int8 file alone
     assert os.path.exists(f"{tmp_path}/exp/saved_model/saved_model.pb")
     assert report["fp32"]["relative_diff"] <= 1e-4 and report["fp16"]["relative_diff"] <= 1e-2
