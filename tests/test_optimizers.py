@@ -1,3 +1,5 @@
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -101,3 +103,34 @@ def test_checkpoints_move_between_keras_and_fused_adamw(tmp_path):
     resumed.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     assert type(loaded.optimizer) is AdamW
+
+
+JAX_PROGRAM = """
+import numpy as np, keras
+from keras_vit.training.optimizers import AdamW
+
+def weights(optimizer):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5), keras.layers.Dense(3)])
+    model.compile(optimizer=optimizer, loss="mse")
+    x, y = np.random.default_rng(0).standard_normal((2, 8, 6)).astype("float32")[0], np.ones((8, 3))
+    for _ in range(3):
+        model.train_on_batch(x, y)
+    return [v.numpy() for v in model.weights]
+
+ours, theirs = weights(AdamW(1e-2, weight_decay=0.1)), weights(keras.optimizers.AdamW(1e-2, weight_decay=0.1))
+print(keras.backend.backend(), max(float(np.max(np.abs(a - b))) for a, b in zip(ours, theirs)))
+"""
+
+
+def test_fused_adamw_is_keras_adamw_on_jax():
+    """On JAX (the device machines have no TensorFlow) it is Keras' AdamW, untouched."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", JAX_PROGRAM], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    backend, diff = out.stdout.split()[-2:]
+    assert backend == "jax" and float(diff) == 0.0

@@ -19,11 +19,12 @@ class AdamW(keras.optimizers.AdamW):
     variables, checkpoints and other backends are Keras')."""
 
     def _fused(self, variable, gradient=None):
+        if keras.backend.backend() != "tensorflow":  # (JAX machines have no TensorFlow)
+            return False
         import tensorflow as tf
 
-        return (keras.backend.backend() == "tensorflow" and not self.amsgrad
-                and variable.dtype in ("float16", "bfloat16", "float32", "float64")
-                and not isinstance(gradient, tf.IndexedSlices))
+        return (not self.amsgrad and not isinstance(gradient, tf.IndexedSlices)
+                and variable.dtype in ("float16", "bfloat16", "float32", "float64"))
 
     def update_step(self, gradient, variable, learning_rate):
         if not self._fused(variable, gradient):
