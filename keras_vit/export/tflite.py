@@ -1,5 +1,6 @@
 """TFLite export with builtin ops only (fp32, fp16, dynamic range, full int8), verified with LiteRT."""
 
+import collections
 import contextlib
 import os
 import re
@@ -338,9 +339,7 @@ def _with_float_weights(quantized, float_model, op_outputs):
                 for op in graph.operators if len(op.inputs) > 1 and op.inputs[1] >= 0}
 
     float_weights = weights_by_output(source)
-    users = {}
-    for tensor in target.subgraphs[0].tensors:
-        users[tensor.buffer] = users.get(tensor.buffer, 0) + 1
+    users = collections.Counter(tensor.buffer for tensor in target.subgraphs[0].tensors)
     for name, tensor in weights_by_output(target).items():
         if name.decode() not in op_outputs or tensor.type == schema.TensorType.FLOAT32:
             continue
