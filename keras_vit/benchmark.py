@@ -57,8 +57,19 @@ def onednn_state():
 
 # --- the Keras side ---------------------------------------------------------------------
 
-def _inputs(batch, img_size, seed):
-    return np.random.default_rng(seed).standard_normal((batch, img_size, img_size, 3)).astype(
+def input_shape(model, img_size):
+    """One sample's shape: the model's input shape, its unknown sizes ``img_size``. So a
+    model on tokens ((N, C) inputs, e.g. a chain of linear layers saved as .keras) is timed
+    on its own shape, and an image model at ``img_size`` px."""
+    shape = model.input_shape
+    if isinstance(shape, list):
+        raise ValueError(f"the benchmark times single-input models; {model.name!r} has "
+                         f"{len(shape)} inputs")
+    return tuple(img_size if d is None else int(d) for d in shape[1:])
+
+
+def _inputs(batch, shape, seed):
+    return np.random.default_rng(seed).standard_normal((batch,) + tuple(shape)).astype(
         np.float32)
 
 
@@ -68,12 +79,13 @@ class KerasBench:
     def __init__(self, model, img_size, batch_size, threads, warmup=2, iters=10, seconds=None,
                  tmp_dir=None, train_jit_compile=True, log=print):
         self.model, self.img_size, self.batch_size = model, img_size, batch_size
+        self.sample_shape = input_shape(model, img_size)
         self.threads, self.warmup, self.iters, self.seconds = threads, warmup, iters, seconds
         self.train_jit_compile = train_jit_compile
         self.tmp_dir = tmp_dir or tempfile.mkdtemp(prefix="keras_vit_bench_")
         self.log = log
-        self.x_batch = _inputs(batch_size, img_size, 0)
-        self.x_one = _inputs(1, img_size, 1)
+        self.x_batch = _inputs(batch_size, self.sample_shape, 0)
+        self.x_one = _inputs(1, self.sample_shape, 1)
         self._callables = {}
         self.notes = {}
 
@@ -105,7 +117,7 @@ class KerasBench:
             if quantization in ("int8", "dynamic", "int8_mixed"):
                 # Random calibration data: a speed measurement only; export_tflite's top-1
                 # agreement check is meaningless for random data and weights, so skipped.
-                calib = _inputs(max(2 * batch, 8), self.img_size, 2)
+                calib = _inputs(max(2 * batch, 8), self.sample_shape, 2)
                 report = export_tflite(self.model, path, quantization, representative_data=calib,
                                        batch_size=batch, verify=False)
             else:
@@ -231,7 +243,9 @@ def benchmark(model, name, *, batch_size=8, threads=None, modes=DEFAULT_MODES, w
     rounds. Returns a list of row dicts (medians over rounds) labelled ``name``."""
     threads = threads or os.cpu_count()
     img_size = int(model.input_shape[1])
-    log(f"{name} at {img_size} px ({model.count_params() / 1e6:.2f} M parameters)")
+    shape = input_shape(model, img_size)
+    on = f"{img_size} px" if len(shape) == 3 else f"{shape} inputs"
+    log(f"{name} on {on} ({model.count_params() / 1e6:.2f} M parameters)")
     tmp = tempfile.TemporaryDirectory(prefix="keras_vit_bench_")  # the .tflite files
     bench = KerasBench(model, img_size, batch_size, threads, warmup, iters, seconds,
                        tmp_dir=tmp.name, train_jit_compile=train_jit_compile, log=log)

@@ -5,6 +5,7 @@ import os
 import re
 
 import numpy as np
+import pytest
 
 import app_process
 import keras_vit
@@ -82,7 +83,7 @@ def test_timing_helpers():
     assert bm.timm_importable("/nonexistent/python") is False
     peak, source = bm.peak_rss_mib()
     assert peak > 0 and source in ("VmHWM", "ru_maxrss")
-    np.testing.assert_array_equal(bm._inputs(2, 4, 0), bm._inputs(2, 4, 0))
+    np.testing.assert_array_equal(bm._inputs(2, (4, 4, 3), 0), bm._inputs(2, (4, 4, 3), 0))
 
 
 def test_input_pipeline_mode(tmp_path):
@@ -186,3 +187,25 @@ def test_attention_sweep_helpers():
              for n, mib in ((500, 256.0), (1000, 1024.0))]
     assert ba.fits_in(grows, "dense", "layer") == int(1000 * 24 ** 0.5)
     assert ba.fits_in(grows[:1], "dense", "layer") is None  # one point: no line
+
+
+def test_model_on_tokens_is_timed_on_its_own_input_shape(tmp_path):
+    """A model that takes tokens, not images (a saved chain of linear layers, as in
+    benchmarks/README.md's int8 bound), runs in every TFLite mode on its (N, C) inputs."""
+    import keras
+
+    tokens = keras.Input((5, 16), name="tokens")
+    model = keras.Model(tokens, keras.layers.Dense(16)(keras.layers.Dense(32)(tokens)))
+    assert bm.input_shape(model, 5) == (5, 16)
+    bench = bm.KerasBench(model, 5, batch_size=2, threads=1, warmup=1, iters=2,
+                          tmp_dir=str(tmp_path))
+    assert bench.x_batch.shape == (2, 5, 16) and bench.x_one.shape == (1, 5, 16)
+    for mode in ("tf_function", "tflite_fp32", "tflite_dynamic", "tflite_int8"):
+        res = bench.run(mode)
+        assert res["images_per_s"] > 0 and res["latency_ms"] > 0, mode
+    assert bench.notes["size_int8"] < bench.notes["size_none"]
+    image = keras_vit.create_model("vit_tiny_patch16_224", img_size=32, depth=1)
+    assert bm.input_shape(image, 32) == (32, 32, 3)
+    a, b = keras.Input((4,)), keras.Input((4,))
+    with pytest.raises(ValueError, match="single-input models; .* has 2 inputs"):
+        bm.input_shape(keras.Model([a, b], keras.layers.Add()([a, b])), 4)
