@@ -220,15 +220,20 @@ def test_transformer_block_linear_layers_fuse_with_bias_and_gelu():
     assert not {"Mean", "Rsqrt", "SquaredDifference", "FusedBatchNormV3"} & {op for op, _ in ops}
 
 
-@pytest.mark.parametrize("cross", [False, True])
-def test_attention_gradient_has_no_strided_slice_gradients(cross):
-    """q, k, v (and cross-attention's k, v) come out of one split, whose gradient is one
-    concat: a slice's gradient is a zero-filled tensor of the full qkv size per slice, summed
-    (ViT-S float32 train step 5.37 -> 6.03 img/s, Swin-T 3.99 -> 4.82; benchmarks/README.md)."""
+@pytest.mark.parametrize("kind", ["self", "cross", "xca"])
+def test_attention_gradient_has_no_strided_slice_gradients(kind):
+    """q, k, v (and cross-attention's k, v; XCiT's channel attention's q, k, v) come out of
+    one split, whose gradient is one concat: a slice's gradient is a zero-filled tensor of
+    the full qkv size per slice, summed (ViT-S float32 train step 5.37 -> 6.03 img/s,
+    Swin-T 3.99 -> 4.82; benchmarks/README.md)."""
     import tensorflow as tf
 
-    attn = L.MultiHeadAttention(16, num_heads=2, cross=cross)
+    from keras_vit.models.xcit import XCA
+
+    cross = kind == "cross"
+    attn = (XCA if kind == "xca" else L.MultiHeadAttention)(16, num_heads=2, cross=cross)
     x = tf.random.normal((2, 5, 16))
+    attn.build(x.shape)  # XCA's build keeps MultiHeadAttention's (x, context) signature
     attn(x, x) if cross else attn(x)
 
     @tf.function

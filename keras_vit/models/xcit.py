@@ -155,12 +155,10 @@ class XCA(MultiHeadAttention):
 
     def call(self, x, training=None):
         n, c, h = x.shape[1], self.inner_dim, self.num_heads
-        qkv = self.qkv(x)
-
-        def heads(t):  # (B, N, C) -> (B, heads, d, N): tokens last, as timm
-            return ops.transpose(ops.reshape(t, (-1, n, h, c // h)), (0, 2, 3, 1))
-
-        q, k, v = heads(qkv[..., :c]), heads(qkv[..., c:2 * c]), heads(qkv[..., 2 * c:])
+        # (B, N, 3C) -> (B, 3 heads, d, N), tokens last as timm: one transpose, then q, k, v
+        # split, as MultiHeadAttention.project_qkv (no slices, whose gradients zero-fill)
+        qkv = ops.transpose(ops.reshape(self.qkv(x), (-1, n, 3 * h, c // h)), (0, 2, 3, 1))
+        q, k, v = ops.split(qkv, 3, axis=1)
         q, k = l2_normalize(q), l2_normalize(k)
         attn = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) * ops.cast(self.temperature, q.dtype)
         attn = self.attn_dropout(softmax_float32(attn), training=training)
