@@ -279,10 +279,10 @@ def main(argv):
     summary.append("peak RSS: " + ("kernel VmHWM of the measuring process, reset before each "
                                    "measurement" if mem == "VmHWM" else
                                    "ru_maxrss, a running maximum over the whole run"))
-    from keras_vit import benchmark_input as bi
+    from keras_vit.measure import cpu_flags
 
     # bfloat16 and int8 speed hinge on AVX-512 BF16 / VNNI / AMX: the flags go with the table
-    flags_found = bi.cpu_flags()
+    flags_found = cpu_flags()
     summary.append(f"oneDNN: TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')}; "
                    f"threads: {threads}; medians over {F.rounds} alternating rounds; "
                    f"1-min load average {rows[0]['load_avg_1m']} on {os.cpu_count()} CPUs; "
@@ -308,6 +308,7 @@ def _input_pipeline(model, threads, model_rows):
 
     from keras_vit import benchmark as bm
     from keras_vit import benchmark_input as bi
+    from keras_vit.measure import cpu_flags
 
     input_modes, resume_steps, replay_steps = _check_input_flags()
     img_size = int(model.input_shape[1])
@@ -332,7 +333,7 @@ def _input_pipeline(model, threads, model_rows):
 
     throughput, resume = bi.markdown_tables(rows, F.batch_size)
     loads = rows[0]["load_avg_1m"]
-    flags_found = bi.cpu_flags()
+    flags_found = cpu_flags()
     summary = [
         f"model: {F.model} train step (train_on_batch, AdamW, XLA "
         f"{'on' if F.train_jit_compile else 'off'}) at batch {F.batch_size}, {img_size} px; "
@@ -382,7 +383,7 @@ def _input_pipeline(model, threads, model_rows):
 def _attention_sweep(threads):
     """--attention_sweep: the mixers' layer and encoder times and peaks against length."""
     from keras_vit import benchmark_attention as ba
-    from keras_vit import benchmark_input as bi
+    from keras_vit.measure import cpu_flags
 
     kinds, lengths = _check_sweep_flags()
     args = ba.default_args(topk_k=F.topk_k, block_size=F.bigbird_block_size,
@@ -398,7 +399,7 @@ def _attention_sweep(threads):
                     max_seconds=F.max_seconds, isolate=F.isolate, threads=threads)
     loads.append(os.getloadavg()[0])
     table = ba.markdown_table(rows)
-    flags_found = bi.cpu_flags()
+    flags_found = cpu_flags()
     sources = {r["memory_source"] for r in rows if r["memory_source"]}
     summary = ba.summary_lines(rows, kinds) + [
         f"layer: attention_mixer(kind, {F.attention_dim}, {F.attention_heads}); encoder: "

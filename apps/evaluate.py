@@ -206,8 +206,11 @@ def main(argv):
     if F.precision == "float32":
         metrics = evaluate(model, pipe, info.num_classes)
     else:
-        from keras_vit.precision import with_dtype_policy
+        from keras_vit.precision import reduced_precision_note, with_dtype_policy
 
+        note = reduced_precision_note(F.precision)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
         metrics = evaluate(with_dtype_policy(model, F.precision), pipe, info.num_classes,
                            float32_model=model)
     metrics["precision"] = F.precision

@@ -94,9 +94,12 @@ class KerasBench:
         if not mode.endswith("_bf16"):
             return self.model
         if "bf16" not in self._callables:
-            from keras_vit.precision import with_dtype_policy
+            from keras_vit.precision import reduced_precision_note, with_dtype_policy
 
             self._callables["bf16"] = with_dtype_policy(self.model, "mixed_bfloat16")
+            self.notes["bf16"] = reduced_precision_note("mixed_bfloat16") or ""
+        if self.notes["bf16"]:
+            self.notes[mode] = self.notes["bf16"]
         return self._callables["bf16"]
 
     # Each setup returns (batch-B callable, batch-1 callable or None).

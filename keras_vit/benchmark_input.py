@@ -19,8 +19,6 @@ The functions behind ``apps/benchmark.py --input_pipeline``:
 """
 
 import os
-import re
-import subprocess
 import time
 
 import numpy as np
@@ -35,7 +33,6 @@ INPUT_MODES = tuple(f"{source}_{aug}" for source in SOURCES for aug in AUGMENTAT
     f"{source}_plain_cached" for source in SOURCES)
 RESUME_STEPS = (0, 10_000, 100_000)
 REPLAY_STEPS = (0, 20, 200)
-CPU_FLAGS = re.compile(r"^(avx2|avx512\w*|amx\w*|fma)$")
 
 
 def parse_mode(mode):
@@ -252,26 +249,6 @@ def benchmark_input(sources, *, img_size, batch_size, modes=INPUT_MODES, warmup=
 
 
 # --- the report ------------------------------------------------------------------------
-
-def cpu_flags():
-    """The vector-unit flags of this CPU (lscpu's Flags, else /proc/cpuinfo): avx2,
-    avx512*, amx*, fma; None when neither is readable."""
-    text = ""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout
-        line = next((ln for ln in text.splitlines() if ln.startswith("Flags:")), "")
-        text = line.partition(":")[2]
-    except (OSError, subprocess.TimeoutExpired):
-        text = ""
-    if not text:
-        try:
-            with open("/proc/cpuinfo") as f:
-                line = next((ln for ln in f if ln.startswith("flags")), "")
-            text = line.partition(":")[2]
-        except OSError:
-            return None
-    return sorted({flag for flag in text.split() if CPU_FLAGS.match(flag)})
-
 
 def _seconds(value):
     if value is None:

@@ -5,8 +5,12 @@ Standard library only: benchmark_timm.py runs under an interpreter with torch an
 never TensorFlow, and loads this file by its path rather than through the keras_vit package.
 """
 
+import re
+import subprocess
 import sys
 import time
+
+CPU_FLAGS = re.compile(r"^(avx2|avx512\w*|amx\w*|fma)$")
 
 
 def reset_peak_rss():
@@ -57,3 +61,22 @@ def timed(fn, warmup=2, iters=10, seconds=None):
         elif len(times) >= iters:
             return times
 
+
+def cpu_flags():
+    """The vector-unit flags of this CPU (lscpu's Flags, else /proc/cpuinfo): avx2,
+    avx512*, amx*, fma; None when neither is readable."""
+    text = ""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout
+        line = next((ln for ln in text.splitlines() if ln.startswith("Flags:")), "")
+        text = line.partition(":")[2]
+    except (OSError, subprocess.TimeoutExpired):
+        text = ""
+    if not text:
+        try:
+            with open("/proc/cpuinfo") as f:
+                line = next((ln for ln in f if ln.startswith("flags")), "")
+            text = line.partition(":")[2]
+        except OSError:
+            return None
+    return sorted({flag for flag in text.split() if CPU_FLAGS.match(flag)})

@@ -57,3 +57,33 @@ def with_dtype_policy(model, policy):
         clone = keras.saving.deserialize_keras_object(serialized)
     clone.set_weights(model.get_weights())
     return clone
+
+
+# The CPU units that run bfloat16 matmuls natively (oneDNN uses them; without one it emulates).
+BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def reduced_precision_note(policy, cpu_flags=None, accelerators=None):
+    """A one-line warning when ``policy`` (a --precision value or a Keras policy) computes
+    in bfloat16 on a CPU without a bfloat16 unit: TensorFlow then emulates it, at about
+    0.9-1.0x float32's speed instead of ~2x (benchmarks/README.md). None when it has one,
+    when a GPU or TPU does the work, or when the flags are unknown. ``cpu_flags`` and
+    ``accelerators`` (lists) default to this machine's."""
+    if "bfloat16" not in policy_name(policy):
+        return None
+    if accelerators is None:
+        import tensorflow as tf
+
+        accelerators = (tf.config.list_physical_devices("GPU")
+                        + tf.config.list_physical_devices("TPU"))
+    if accelerators:
+        return None
+    if cpu_flags is None:
+        from keras_vit.measure import cpu_flags as read_cpu_flags
+
+        cpu_flags = read_cpu_flags()
+    if cpu_flags is None or set(BFLOAT16_CPU_FLAGS) & set(cpu_flags):
+        return None
+    return ("bfloat16 on this CPU is emulated: it has neither AVX-512 BF16 nor AMX "
+            "(avx512_bf16, amx_bf16 are not among its flags), so mixed_bfloat16 runs at "
+            "about 0.9-1.0x float32 speed; float32 is the faster choice here")

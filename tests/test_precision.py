@@ -11,7 +11,8 @@ import keras_vit
 from conftest import images
 from families import SMALLEST, build_smallest
 from keras_vit.layers.attention import softmax_float32
-from keras_vit.precision import dtype_policy_scope, policy_name, with_dtype_policy
+from keras_vit.precision import (dtype_policy_scope, policy_name, reduced_precision_note,
+                                 with_dtype_policy)
 
 SMALL = {"vit_tiny_patch16_224": dict(img_size=32, patch_size=8, depth=2, num_classes=8),
          "swin_tiny_patch4_window7_224": dict(img_size=56, depths=(2, 2), num_heads=(2, 4),
@@ -110,6 +111,37 @@ def test_policy_names_and_scope():
     with dtype_policy_scope("bfloat16"):
         assert keras.config.dtype_policy().name == "mixed_bfloat16"
     assert keras.config.dtype_policy().name == "float32"
+
+
+def test_bfloat16_on_a_cpu_without_a_bfloat16_unit_says_it_is_emulated(monkeypatch):
+    """--precision=bfloat16 (evaluate), --mixed_precision=mixed_bfloat16 (train) and the
+    benchmark's *_bf16 modes say when the CPU would emulate bfloat16 (0.90-0.99x float32 on
+    the AVX2 CPU of benchmarks/README.md), and stay quiet where it has AVX-512 BF16 or AMX,
+    where a GPU or TPU computes, or where the flags cannot be read."""
+    avx2 = ["avx2", "fma"]
+    for precision in ("bfloat16", "mixed_bfloat16"):
+        note = reduced_precision_note(precision, cpu_flags=avx2, accelerators=[])
+        assert "emulated" in note and "avx512_bf16" in note and "float32" in note
+    assert reduced_precision_note("bfloat16", avx2 + ["avx512_bf16"], []) is None
+    assert reduced_precision_note("bfloat16", avx2 + ["amx_bf16"], []) is None
+    assert reduced_precision_note("bfloat16", avx2, ["GPU:0"]) is None
+    assert reduced_precision_note("bfloat16", None, []) is None  # unreadable flags
+    assert reduced_precision_note("float32", avx2, []) is None
+    assert reduced_precision_note("float16", avx2, []) is None
+    with pytest.raises(ValueError, match="precision must be one of"):
+        reduced_precision_note("int4", avx2, [])
+
+    # the benchmark's bf16 row carries it, read from this machine's (patched) flags
+    from keras_vit import benchmark as bm
+    from keras_vit import measure
+
+    monkeypatch.setattr(measure, "cpu_flags", lambda: avx2)
+    model = keras_vit.create_model("vit_tiny_patch16_224", **SMALL["vit_tiny_patch16_224"])
+    bench = bm.KerasBench(model, 32, batch_size=1, threads=1, warmup=0, iters=1)
+    bench.run("tf_function_bf16")
+    assert "emulated" in bench.notes["tf_function_bf16"]
+    bench.run("tf_function")
+    assert "tf_function" not in bench.notes
 
 
 def _softmax_dtypes(model, img_size):

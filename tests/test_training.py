@@ -313,6 +313,26 @@ def test_xla_is_off_on_cpus_for_models_in_bfloat16(caplog):
             config.enable_op_determinism()
 
 
+def test_training_in_bfloat16_says_when_the_cpu_emulates_it(tmp_path, monkeypatch, caplog):
+    """--mixed_precision=mixed_bfloat16 on a CPU without AVX-512 BF16 or AMX (its flags
+    patched to an AVX2 CPU's) trains, and logs that bfloat16 is emulated there."""
+    from keras_vit import measure
+    from keras_vit.training import TrainConfig, train
+
+    monkeypatch.setattr(measure, "cpu_flags", lambda: ["avx2", "fma"])
+    config = TrainConfig(model="vit_tiny_patch16_224",
+                         model_args=dict(patch_size=8, depth=1, embed_dim=32, num_heads=2),
+                         img_size=32, train_samples=32, val_samples=16, batch_size=16, epochs=1,
+                         mixed_precision="mixed_bfloat16", model_dir=str(tmp_path / "run"))
+    try:
+        with caplog.at_level("WARNING"):
+            summary = train(config)
+    finally:
+        keras.config.set_dtype_policy("float32")  # the trainer sets the process's policy
+    assert summary["steps"] == 2 and 0 <= summary["val_accuracy"] <= 1
+    assert "bfloat16 on this CPU is emulated" in caplog.text
+
+
 def test_deit_distillation_trains_both_heads(tmp_path):
     from keras_vit.training import TrainConfig, train
 

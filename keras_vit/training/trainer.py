@@ -13,6 +13,7 @@ import numpy as np
 from absl import logging
 
 from keras_vit.models.common import graph_forward
+from keras_vit.precision import reduced_precision_note
 from keras_vit.training import callbacks as cb
 from keras_vit.training.distillation import MODES as DISTILLATIONS, DistillationModel
 from keras_vit.training.optimizers import AdamW
@@ -265,6 +266,9 @@ def train(config, flags_text=None):
     # Model, loss and metrics, optimizer
     if config.mixed_precision != "none":
         keras.mixed_precision.set_global_policy(config.mixed_precision)
+        note = reduced_precision_note(config.mixed_precision)
+        if note:
+            logging.warning(note)
     with strategy.scope():
         student, model, optimizer = _compiled_model(config, task, info, img_size,
                                                     steps_per_epoch, total_steps, jit_compile)
