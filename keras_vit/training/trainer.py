@@ -239,7 +239,17 @@ def train(config, flags_text=None):
     before anything in model_dir is written, so a run that fails to start changes nothing
     there; ``flags_text`` (the app's flags) goes to model_dir/flags.txt once it has started.
     Raises ValueError for bad input, cb.Preempted after a SIGTERM checkpoint,
-    cb.TrainingDiverged on a NaN loss and WorkerLost when a cluster peer disappears."""
+    cb.TrainingDiverged on a NaN loss and WorkerLost when a cluster peer disappears.
+    ``config.mixed_precision`` holds for the run only: the caller's dtype policy is back
+    when it returns or raises."""
+    previous_policy = keras.config.dtype_policy()
+    try:
+        return _train(config, flags_text)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+
+
+def _train(config, flags_text):
     from keras_vit.registry import get_model_config
 
     validate(config)
