@@ -178,9 +178,11 @@ def test_linear_keeps_unknown_token_dimensions():
     np.testing.assert_allclose(np.asarray(got), x @ np.asarray(linear.kernel), atol=1e-6)
 
 
-def grappler_optimized_ops(fn, spec):
+def grappler_optimized_ops(fn, spec, freeze=True):
     """(op, fused_ops) of every node of ``fn``'s graph after TensorFlow's graph optimizer
-    (grappler) has rewritten it for the CPU, as tf.function does before running it."""
+    (grappler) has rewritten it for the CPU, as tf.function does before running it; with
+    ``freeze=False`` its variables stay variables, as in tf.function (frozen, grappler may
+    fold what reads them into constants)."""
     import tensorflow as tf
     from tensorflow.core.protobuf import config_pb2
     from tensorflow.python.framework import meta_graph
@@ -188,7 +190,9 @@ def grappler_optimized_ops(fn, spec):
         convert_variables_to_constants_v2)
     from tensorflow.python.grappler import tf_optimizer
 
-    frozen = convert_variables_to_constants_v2(tf.function(fn).get_concrete_function(spec))
+    frozen = tf.function(fn).get_concrete_function(spec)
+    if freeze:
+        frozen = convert_variables_to_constants_v2(frozen)
     graph_def = frozen.graph.as_graph_def()
     for node in graph_def.node:  # the remapper fuses only nodes placed on a CPU
         node.device = "/job:localhost/replica:0/task:0/device:CPU:0"
@@ -357,6 +361,60 @@ def test_layer_norm_converts_to_tflite_without_transposes(tmp_path):
     assert "TRANSPOSE" not in op_names and "MEAN" in op_names
     # 1e-5: LiteRT's float32 MEAN/RSQRT kernels round differently from TensorFlow's
     np.testing.assert_allclose(runner(x), np.asarray(ref(x)), atol=1e-5)
+
+
+def _batch_norm_pair(channels, seed):
+    """The project's BatchNorm and Keras' own with the same random affine and statistics."""
+    rng = np.random.default_rng(seed)
+    ours, ref = L.batch_norm(), keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9)
+    for layer in (ours, ref):
+        layer.build((None, 6, 6, channels))
+    ours.set_weights([rng.standard_normal(channels).astype(np.float32),  # gamma, beta, mean
+                      rng.standard_normal(channels).astype(np.float32),
+                      rng.standard_normal(channels).astype(np.float32),
+                      rng.uniform(0.5, 2.0, channels).astype(np.float32)])  # variance
+    ref.set_weights(ours.get_weights())
+    return ours, ref, (rng.standard_normal((2, 6, 6, channels)) * 2).astype(np.float32)
+
+
+def test_batch_norm_equals_keras_and_fuses_into_the_convolution():
+    """BatchNorm gives Keras' BatchNormalization's inference outputs (1e-5: one fused kernel
+    against Keras' multiply-add, float32 round-off on outputs of scale ~5), trains exactly as
+    it (Keras' own code), and in a graph after grappler Conv2D + BatchNorm + ReLU is one
+    oneDNN convolution, where Keras' form leaves the multiply and add over the map."""
+    import tensorflow as tf
+
+    ours, ref, x = _batch_norm_pair(8, seed=11)
+    want = np.asarray(ref(x, training=False))
+    np.testing.assert_allclose(np.asarray(ours(x, training=False)), want, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(tf.function(lambda t: ours(t))(x)), want, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(ours(x, training=True)),
+                                  np.asarray(ref(x, training=True)))
+    np.testing.assert_array_equal(np.asarray(ours.moving_mean), np.asarray(ref.moving_mean))
+
+    conv = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)  # as before a norm
+    conv.build((None, 6, 6, 8))
+    spec = tf.TensorSpec((2, 6, 6, 8))
+    ops = grappler_optimized_ops(lambda t: tf.nn.relu(ours(conv(t), training=False)), spec,
+                                 freeze=False)
+    assert ("_FusedConv2D", ["FusedBatchNorm", "Relu"]) in ops, ops
+    assert not {"Conv2D", "Mul", "AddV2", "FusedBatchNormV3", "Relu"} & {op for op, _ in ops}
+    keras_ops = {op for op, _ in grappler_optimized_ops(
+        lambda t: tf.nn.relu(ref(conv(t), training=False)), spec, freeze=False)}
+    assert {"Conv2D", "Mul", "AddV2", "Relu"} <= keras_ops, keras_ops  # nothing fused
+
+
+def test_batch_norm_converts_to_tflite_as_keras_form(tmp_path):
+    """The TFLite converter traces Keras' BatchNorm form, the file matching Keras."""
+    from keras_vit.export.tflite import LiteRTRunner, export_tflite
+
+    ours, ref, x = _batch_norm_pair(8, seed=12)
+    inputs = keras.Input((6, 6, 8))
+    path = tmp_path / "bn.tflite"
+    export_tflite(keras.Model(inputs, ours(inputs)), str(path), batch_size=2)
+    # 1e-5: LiteRT's float32 MUL/ADD round differently from TensorFlow's kernels
+    np.testing.assert_allclose(LiteRTRunner(str(path))(x), np.asarray(ref(x, training=False)),
+                               atol=1e-5)
 
 
 def test_graph_forward_equals_the_eager_call_for_every_batch_size():

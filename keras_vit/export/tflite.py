@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from keras_vit.export.atomic import atomic_path
 from keras_vit.export.saved_model import call_on_inputs, input_specs
-from keras_vit.layers.common import unfused_layer_norm
+from keras_vit.layers.common import unfused_norms
 
 QUANTIZATION_MODES = ("none", "float16", "dynamic", "dynamic_mixed", "int8", "int8_mixed")
 # int8_mixed: the ops that hold a vision transformer's FLOPs in int8 (XNNPACK runs them as
@@ -112,7 +112,7 @@ def _converter(model, batch_size):
                      input_signature=input_specs(model, batch_size))
     # The converter freezes the variables into constants itself (freezing them here as well
     # cost ~30% of a conversion).
-    with unfused_layer_norm():  # Keras' LayerNorm form: plain TFLite ops, no TRANSPOSEs
+    with unfused_norms():  # Keras' LayerNorm and BatchNorm forms: plain TFLite ops
         concrete = fn.get_concrete_function()
     converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
     # Converted directly: lowering to a SavedModel first (TF's default) gives the same ops
