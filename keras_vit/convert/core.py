@@ -11,7 +11,7 @@ resampled to a new grid, a family's own tensors) register a converter with
 import numpy as np
 import keras
 
-from keras_vit.layers.common import LayerNorm, Linear
+from keras_vit.layers.common import BatchNorm, LayerNorm, Linear
 from keras_vit.layers.embedding import (
     MapPositionEmbedding,
     PositionEmbedding,
@@ -176,7 +176,8 @@ def layer_entries(layer, path, options):
     conv = next((fn for cls, fn in _LAYER_CONVERTERS.items() if type(layer) is cls), None)
     if conv is not None:
         entries = list(conv(layer, path, options))
-    elif type(layer).__module__.startswith("keras.") or isinstance(layer, (Linear, LayerNorm)):
+    elif type(layer).__module__.startswith("keras.") or isinstance(layer, (Linear, LayerNorm,
+                                                                           BatchNorm)):
         entries = _builtin_entries(layer, path)  # keras' Dense / LayerNormalization but for call
     else:
         own = layer._trainable_variables + layer._non_trainable_variables
