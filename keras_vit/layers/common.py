@@ -82,8 +82,9 @@ def layer_norm(eps=1e-6, name=None):
     return LayerNorm(epsilon=eps, name=name)
 
 
-# Off while a model is traced for TFLite: the converter lowers the fused form's NCHW batch
-# norm with TRANSPOSEs, where Keras' form converts to plain MEAN / RSQRT / MUL ops.
+# Off while a model is traced for TFLite: the converter lowers the fused LayerNorm's NCHW
+# batch norm with TRANSPOSEs, where Keras' form converts to plain MEAN / RSQRT / MUL ops; and
+# BatchNorm's file stays the one Keras' form gives (tested against Keras in tests/).
 _FUSED_NORMS = contextvars.ContextVar("fused_norms", default=True)
 
 
