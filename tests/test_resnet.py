@@ -109,3 +109,42 @@ def test_stem_max_pool_pads_like_torch_and_quantizes(tmp_path):
     report = export_tflite(model, str(tmp_path / "r.tflite"), "int8",
                            representative_data=images(16, TINY["img_size"], seed=1))
     assert report["relative_diff"] <= 0.3  # MAX_QUANTIZED_RELATIVE_DIFF["int8"]
+
+
+def test_frozen_batch_norm_is_one_fused_op_with_the_convolution():
+    """DETR's FrozenBatchNorm runs as the fused inference batch norm (layers.BatchNorm's):
+    its formula's outputs and input gradients within 1e-5 (float32 round-off on values of
+    scale ~5-20), and after grappler conv + norm + ReLU is one oneDNN convolution (DETR-R50
+    at 512 px +6% images/s, benchmarks/README.md)."""
+    import keras
+    import tensorflow as tf
+
+    from keras_vit.layers.common import unfused_norms
+    from test_layers import grappler_optimized_ops
+
+    rng = np.random.default_rng(4)
+    norm = FrozenBatchNorm()
+    norm.build((None, 6, 6, 8))
+    norm.set_weights([rng.standard_normal(8).astype(np.float32),  # weight, bias, mean
+                      rng.standard_normal(8).astype(np.float32),
+                      rng.standard_normal(8).astype(np.float32),
+                      rng.uniform(0.5, 2.0, 8).astype(np.float32)])  # running_var
+    x = tf.constant((rng.standard_normal((2, 6, 6, 8)) * 2).astype(np.float32))
+
+    def out_and_grad():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = norm(x)
+            loss = tf.reduce_sum(y ** 2)
+        return np.asarray(y), np.asarray(tape.gradient(loss, x))
+
+    fused = out_and_grad()
+    with unfused_norms():
+        formula = out_and_grad()
+    for a, b in zip(fused, formula):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    conv = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)
+    conv.build((None, 6, 6, 8))
+    ops = grappler_optimized_ops(lambda t: tf.nn.relu(norm(conv(t))),
+                                 tf.TensorSpec((2, 6, 6, 8)), freeze=False)
+    assert ("_FusedConv2D", ["FusedBatchNorm", "Relu"]) in ops, ops

@@ -154,29 +154,41 @@ class LayerNorm(keras.layers.LayerNormalization):
         return tf.cast(restore(y), self.compute_dtype)
 
 
+def fused_inference_batch_norm(x, scale, offset, mean, variance, epsilon):
+    """Inference batch norm of an NHWC float32 map (scale / offset None: 1 / 0; variables or
+    tensors) as the one op FusedBatchNormV3, which grappler fuses into the convolution
+    before it (with its ReLU), on TensorFlow on CPUs with oneDNN and outside the TFLite
+    trace; None elsewhere (the caller's own formula).
+    Keras writes it as a multiply and an add over the whole map, which nothing fuses
+    (ResNet-50 +4%, BoTNet-26 +7%, DETR-R50 at 512 px +6% images/s; benchmarks/README.md)."""
+    if (len(x.shape) != 4 or keras.backend.standardize_dtype(x.dtype) != "float32"
+            or not _FUSED_NORMS.get() or not onednn_cpu()):
+        return None
+    import tensorflow as tf
+
+    channels = x.shape[-1]
+    scale = tf.ones([channels]) if scale is None else tf.convert_to_tensor(scale)
+    offset = tf.zeros([channels]) if offset is None else tf.convert_to_tensor(offset)
+    return tf.raw_ops.FusedBatchNormV3(
+        x=x, scale=scale, offset=offset, mean=tf.convert_to_tensor(mean),
+        variance=tf.convert_to_tensor(variance), epsilon=epsilon, data_format="NHWC",
+        is_training=False)[0]
+
+
 @keras.saving.register_keras_serializable(package="keras_vit")
 class BatchNorm(keras.layers.BatchNormalization):
     """keras.layers.BatchNormalization (same weights, config, training and results) whose
-    inference on NHWC float32 maps, on TensorFlow on CPUs with oneDNN, is the one op
-    FusedBatchNormV3, which grappler fuses into the convolution before it (with its ReLU):
-    Keras writes it as a multiply and an add over the whole map (ResNet-50 +4%, BoTNet-26
-    +7% images/s; benchmarks/README.md)."""
+    inference (and a frozen one's training) on NHWC float32 maps is
+    ``fused_inference_batch_norm``: one oneDNN kernel with the convolution before it."""
 
     def call(self, inputs, training=None, mask=None):
-        axis = self.axis if isinstance(self.axis, int) else None
-        if ((training and self.trainable) or mask is not None or len(inputs.shape) != 4
-                or axis not in (-1, 3)
-                or keras.backend.standardize_dtype(inputs.dtype) != "float32"
-                or not _FUSED_NORMS.get() or not onednn_cpu()):
-            return super().call(inputs, training=training, mask=mask)
-        import tensorflow as tf
-
-        channels = inputs.shape[-1]
-        return tf.raw_ops.FusedBatchNormV3(
-            x=inputs, scale=self.gamma.value if self.scale else tf.ones([channels]),
-            offset=self.beta.value if self.center else tf.zeros([channels]),
-            mean=self.moving_mean.value, variance=self.moving_variance.value,
-            epsilon=self.epsilon, data_format="NHWC", is_training=False)[0]
+        if not (training and self.trainable) and mask is None and self.axis in (-1, 3):
+            y = fused_inference_batch_norm(
+                inputs, self.gamma if self.scale else None, self.beta if self.center else None,
+                self.moving_mean, self.moving_variance, self.epsilon)
+            if y is not None:
+                return y
+        return super().call(inputs, training=training, mask=mask)
 
 
 def batch_norm(name=None, eps=1e-5):

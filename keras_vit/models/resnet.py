@@ -41,6 +41,7 @@ import keras
 from keras import ops
 
 from keras_vit.layers import batch_norm, dense
+from keras_vit.layers.common import fused_inference_batch_norm
 from keras_vit.models.botnet import MaxPool3x3S2
 from keras_vit.models.common import check_img_size, check_in_chans, resolve_out_indices
 from keras_vit.registry import IMAGENET_MEAN, IMAGENET_STD, register_variant
@@ -75,6 +76,10 @@ class FrozenBatchNorm(keras.layers.Layer):
                                                 trainable=False))
 
     def call(self, x):
+        fused = fused_inference_batch_norm(x, self.weight, self.bias, self.running_mean,
+                                           self.running_var, self.epsilon)
+        if fused is not None:  # one oneDNN kernel with the convolution before it
+            return fused
         scale = ops.cast(self.weight, x.dtype) * ops.rsqrt(
             ops.cast(self.running_var, x.dtype) + self.epsilon)
         shift = ops.cast(self.bias, x.dtype) - ops.cast(self.running_mean, x.dtype) * scale
